@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real `transformers` models and a local tokenizer, no hub access."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+def build_tiny_qwen2(tokenizer, *, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=0):
+    """A randomly initialised Qwen2ForCausalLM sized for unit tests."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from scope_opd.toy.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dir(tmp_path_factory, char_tokenizer):
+    """Saved student (seed 0) and teacher (seed 1, wider) checkpoints sharing the char tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    paths = {}
+    for name, kwargs in {"student": dict(hidden_size=32, seed=0), "teacher": dict(hidden_size=48, seed=1)}.items():
+        model = build_tiny_qwen2(char_tokenizer, **kwargs)
+        path = root / name
+        model.save_pretrained(path)
+        char_tokenizer.save_pretrained(path)
+        paths[name] = str(path)
+    return paths
