@@ -95,25 +95,24 @@ def sequence_mean_logp(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return torch.where(n_tokens > 0, total / n_tokens.clamp(min=1), float("nan"))
 
 
-def _group_softmax(
-    scores: torch.Tensor, member: torch.Tensor, group: torch.Tensor, num_groups: int, normalization: str
+def _segment_softmax(
+    scores: torch.Tensor, member: torch.Tensor, segment: torch.Tensor, num_segments: int, normalization: str
 ) -> torch.Tensor:
-    """Softmax of ``scores`` over the members of each group; 0 for non-members.
+    """Softmax of ``scores`` over the members of each segment; exactly 0 for non-members.
 
-    Vectorised with scatter ops: one pass for the per-group max (stability), one
-    for the per-group sum. ``normalization="mean"`` rescales so the weights of a
-    group's members sum to their count (mean weight 1, as the authors' code).
+    Vectorised with scatter ops: one pass for the per-segment max (stability), one
+    for the per-segment sum. ``normalization="mean"`` rescales so the weights of a
+    segment's members sum to their count (mean weight 1, as the authors' code).
     """
-    scores = torch.where(member, scores, 0.0)
-    group_max = torch.full((num_groups,), float("-inf"), dtype=scores.dtype, device=scores.device)
-    group_max = group_max.scatter_reduce(0, group, torch.where(member, scores, float("-inf")), "amax")
-    exp = torch.where(member, torch.exp(scores - torch.where(member, group_max[group], 0.0)), 0.0)
-    denom = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(0, group, exp)
-    weights = torch.where(member, exp / denom[group].clamp(min=torch.finfo(scores.dtype).tiny), 0.0)
+    scores = scores.masked_fill(~member, float("-inf"))
+    segment_max = scores.new_full((num_segments,), float("-inf")).scatter_reduce_(0, segment, scores, "amax")
+    # A segment with no member has max -inf; clamping keeps its (unused) entries at exp(-inf) = 0, not NaN.
+    exp = torch.exp(scores - segment_max.clamp(min=torch.finfo(scores.dtype).min)[segment])
+    denom = scores.new_zeros(num_segments).index_add_(0, segment, exp).clamp(min=torch.finfo(scores.dtype).tiny)
     if normalization == "mean":
-        count = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(0, group, member.to(scores.dtype))
-        weights = weights * count[group]
-    return weights
+        count = scores.new_zeros(num_segments).index_add_(0, segment, member.to(scores.dtype))
+        return exp * (count / denom)[segment]
+    return exp * denom.reciprocal()[segment]
 
 
 def dual_path_weights(
@@ -186,11 +185,6 @@ def dual_path_weights(
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [B] = ({batch},) like group_ids")
     correct = _as_bool("correct", correct)
     valid = torch.ones_like(correct) if valid is None else _as_bool("valid", valid)
-    on_student_path = correct & valid
-    on_teacher_path = ~correct & valid
-
-    _, group = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(group.max()) + 1
 
     def path_scores(values, member, weighting, sign, name):
         if weighting == "uniform":
@@ -204,16 +198,22 @@ def dual_path_weights(
                 f"{name} is NaN/inf on rows {_row_list(bad)} that are used for weights; "
                 "fix the scores or pass valid=False for those rows"
             )
-        return sign * values / tau
+        return values * (sign / tau)
 
     # eq. 4: softmax of -mean_logp_S / tau == PPL_S^(1/tau) normalised.
     student_sign = {"perplexity": -1.0, "inverse": 1.0, "uniform": 0.0}[student_weighting]
     # eq. 5: softmax of +mean_logp_T / tau == PPL_T^(-1/tau) normalised.
     teacher_sign = {"inverse_perplexity": 1.0, "perplexity": -1.0, "uniform": 0.0}[teacher_weighting]
-    student_scores = path_scores(student_mean_logp, on_student_path, student_weighting, student_sign, "student_mean_logp")
-    teacher_scores = path_scores(teacher_mean_logp, on_teacher_path, teacher_weighting, teacher_sign, "teacher_mean_logp")
-    student_weights = _group_softmax(student_scores, on_student_path, group, num_groups, normalization)
-    teacher_weights = _group_softmax(teacher_scores, on_teacher_path, group, num_groups, normalization)
+    student_scores = path_scores(student_mean_logp, correct & valid, student_weighting, student_sign, "student_mean_logp")
+    teacher_scores = path_scores(teacher_mean_logp, ~correct & valid, teacher_weighting, teacher_sign, "teacher_mean_logp")
+
+    # One softmax over (prompt, path) segments: segment 2g is group g's correct path, 2g+1 its incorrect path.
+    group_labels, group = torch.unique(group_ids, return_inverse=True)
+    segment = group * 2 + (~correct).long()
+    scores = torch.where(correct, student_scores, teacher_scores)
+    weights = _segment_softmax(scores, valid, segment, 2 * group_labels.numel(), normalization)
+    student_weights = torch.where(correct, weights, 0.0)
+    teacher_weights = torch.where(correct, 0.0, weights)
     return student_weights, teacher_weights
 
 
