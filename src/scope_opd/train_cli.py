@@ -1,0 +1,129 @@
+"""`scope train --config FILE.yaml [--key value ...]`: TRL's parser conventions, SCOPE's trainer.
+
+The YAML file and the command line fill three dataclasses, as in TRL's example scripts:
+``TrainScriptArguments`` (data, resume), ``SCOPEConfig`` (training, SCOPE, teacher) and
+TRL's ``ModelConfig`` (student model). Command-line values override the file.
+
+Model and teacher names are hub ids or local paths; ``toy:student`` / ``toy:teacher`` and
+``dataset_name: toy`` select the CPU toy task and models (built and cached when missing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+TOY_PREFIX = "toy:"
+
+
+@dataclass
+class TrainScriptArguments:
+    dataset_name: str = field(
+        default="toy",
+        metadata={"help": "HF dataset id, a local .jsonl/.json/.parquet file or folder, or 'toy' (CPU toy task)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    prompt_field: str = field(default="prompt", metadata={"help": "Column with the prompt (text or chat messages)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    toy_train_size: int = field(default=2000, metadata={"help": "Toy task: number of training problems."})
+    toy_quick: bool = field(default=False, metadata={"help": "Toy task: use the small quick-build toy models."})
+    resume: bool = field(
+        default=False, metadata={"help": "Resume from the last complete checkpoint in output_dir (if any)."}
+    )
+
+
+def resolve_model_name(name: str | None, *, quick: bool = False, seed: int = 0) -> str | None:
+    """Map ``toy:student`` / ``toy:teacher`` to the cached toy checkpoints (built when missing)."""
+    if name is None or not name.startswith(TOY_PREFIX):
+        return name
+    from .toy.models import ensure_toy_models
+
+    role = name[len(TOY_PREFIX):]
+    paths = ensure_toy_models(seed=seed, quick=quick)
+    if role not in ("student", "teacher"):
+        raise ValueError(f"unknown toy model {name!r}: use toy:student or toy:teacher")
+    return str(getattr(paths, role))
+
+
+def load_train_dataset(script_args: TrainScriptArguments, answer_field: str, seed: int):
+    if script_args.dataset_name == "toy":
+        from .toy.task import toy_dataset
+
+        dataset = toy_dataset("train", script_args.toy_train_size, seed=seed)
+    else:
+        from .data import load_prompt_dataset
+
+        dataset = load_prompt_dataset(
+            script_args.dataset_name,
+            split=script_args.dataset_train_split,
+            config=script_args.dataset_config,
+            prompt_field=script_args.prompt_field,
+            answer_field=answer_field,
+        )
+    if script_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    return dataset
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder that finished writing (has trainer_state.json), or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(output_dir):
+        return None
+    return get_last_checkpoint(output_dir)
+
+
+def run_cli(argv: list[str], prog: str = "scope train") -> int:
+    from trl import ModelConfig, TrlParser
+
+    from .trainer import SCOPEConfig
+
+    parser = TrlParser((TrainScriptArguments, SCOPEConfig, ModelConfig), prog=prog, description=__doc__)
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    return train(script_args, training_args, model_args)
+
+
+def train(script_args, training_args, model_args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student_name = resolve_model_name(model_args.model_name_or_path, quick=script_args.toy_quick)
+    if student_name is None:
+        raise ValueError("model_name_or_path is required (a hub id, a local path, or toy:student)")
+    training_args.teacher_model = resolve_model_name(training_args.teacher_model, quick=script_args.toy_quick)
+    train_dataset = load_train_dataset(script_args, training_args.answer_field, training_args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        student_name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        student_name,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        dtype=dtype if dtype is not None else "auto",
+        attn_implementation=model_args.attn_implementation,
+    )
+    resume_from = last_complete_checkpoint(training_args.output_dir) if script_args.resume else None
+
+    if training_args.algorithm == "kd":
+        from .kd import train_kd
+
+        train_kd(model, tokenizer, train_dataset, training_args, resume_from_checkpoint=resume_from)
+        return 0
+
+    from trl import get_peft_config
+
+    from .trainer import SCOPETrainer
+
+    trainer = SCOPETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(training_args.output_dir)
+    return 0

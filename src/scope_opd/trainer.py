@@ -1,0 +1,529 @@
+"""SCOPEConfig and SCOPETrainer: SCOPE, OPD and GRPO on top of TRL's GRPOTrainer.
+
+One training step, top to bottom (paper section 2; shared/SCOPE_METHOD.md):
+
+1. rollout   - TRL samples G completions per prompt (transformers or vLLM).
+2. verify    - TRL calls the reward functions (our verifiers); reward >= threshold is "correct".
+3. old logp  - student log-probs of the sampled tokens under the sampling policy.
+4. teacher   - teacher log-probs of those tokens (incorrect rows for SCOPE, all rows for OPD).
+5. weights   - :func:`scope_opd.algorithms.dual_path_weights` over whole prompt groups,
+               gathered across processes, *before* TRL shuffles and splits the batch.
+6. loss      - :func:`scope_opd.algorithms.scope_loss` on each micro-batch.
+7. update    - TRL / transformers optimiser step (accelerate, DeepSpeed, FSDP, PEFT as usual).
+
+``algorithm="grpo"`` leaves steps 3-6 to TRL's own GRPO loss, so the three algorithms share
+data, seeds and generation. The trainer only gathers tensors; all maths is in ``algorithms.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models.utils import disable_gradient_checkpointing
+
+from .algorithms import (
+    AGGREGATIONS,
+    NORMALIZATIONS,
+    STUDENT_WEIGHTINGS,
+    TEACHER_WEIGHTINGS,
+    dual_path_weights,
+    opd_weights,
+    scope_loss,
+    sequence_mean_logp,
+)
+
+ALGORITHMS = ("scope", "opd", "grpo", "kd")
+
+
+@dataclass
+class SCOPEConfig(GRPOConfig):
+    r"""Configuration for :class:`SCOPETrainer`: every ``GRPOConfig`` field plus SCOPE's.
+
+    Defaults follow the paper's Table 3 where it gives one (lr 5e-5 constant, weight decay 0.01,
+    rollout temperature 0.6, G = 8, tau = 1.0); everything else is TRL's default.
+
+    ``algorithm``:
+      * ``"scope"``: dual-path adaptive weighting (paper eqs. 4-7).
+      * ``"opd"``: plain on-policy distillation - every rollout on the teacher path with weight 1,
+        the verifier is only logged. The paper's OPD run samples **one** rollout per prompt; TRL's
+        GRPO needs at least two, so for ``opd`` this config also accepts ``num_generations=1``
+        (set it, with the same number of sampled sequences per step, to match the paper; with
+        G > 1 OPD sees G samples of each prompt per step, which is what the demo uses so that all
+        methods consume the same rollouts).
+      * ``"grpo"``: TRL's own GRPO loss, untouched (paper baseline: clip 0.2, KL coefficient 1e-4).
+      * ``"kd"``: offline KD baseline (teacher samples -> SFT), run by ``scope_opd.kd``, not by this trainer.
+    """
+
+    algorithm: str = field(default="scope", metadata={"help": f"One of {ALGORITHMS}."})
+    tau: float = field(default=1.0, metadata={"help": "DPAW weight temperature tau (paper default 1.0; C.2 sweeps 0.5/1/2)."})
+    weight_normalization: str = field(
+        default="mean",
+        metadata={
+            "help": "'mean': a path's weights in a group sum to its size (authors' code, lone row gets 1); "
+            "'sum': they sum to 1 (paper's equations)."
+        },
+    )
+    student_weighting: str = field(
+        default="perplexity",
+        metadata={
+            "help": "Correct path: 'perplexity' (paper eq. 4, high student PPL weighs more), 'inverse' "
+            "(authors' released script), 'uniform' (ablation w/o student-guided weight)."
+        },
+    )
+    teacher_weighting: str = field(
+        default="inverse_perplexity",
+        metadata={
+            "help": "Incorrect path: 'inverse_perplexity' (paper eq. 5, low teacher PPL weighs more), "
+            "'perplexity' (reversed ablation), 'uniform' (ablation w/o teacher-guided weight)."
+        },
+    )
+    loss_aggregation: str = field(
+        default="token-mean",
+        metadata={"help": f"One of {AGGREGATIONS}; token-mean over the whole generation batch as the authors' code."},
+    )
+    correct_threshold: float = field(
+        default=1.0, metadata={"help": "A rollout is correct when its (weighted) reward is >= this."}
+    )
+    # Teacher
+    teacher_model: str | None = field(default=None, metadata={"help": "Teacher hub id or local path (in-process)."})
+    teacher_dtype: str = field(default="auto", metadata={"help": "Teacher dtype: auto, bfloat16, float16, float32."})
+    teacher_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward (in-process)."})
+    teacher_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature applied to the teacher's logits (in-process only). 1.0 = the teacher's own "
+            "distribution, which is what an OpenAI-compatible server's prompt_logprobs return."
+        },
+    )
+    teacher_server_url: str | None = field(
+        default=None, metadata={"help": "Base URL of an OpenAI-compatible server with prompt_logprobs (vLLM)."}
+    )
+    teacher_server_model: str | None = field(default=None, metadata={"help": "Model name sent to the server."})
+    teacher_api_key_env: str = field(
+        default="SCOPE_TEACHER_API_KEY", metadata={"help": "Environment variable holding the server API key."}
+    )
+    teacher_timeout: float = field(default=120.0, metadata={"help": "Seconds per teacher server request."})
+    teacher_max_retries: int = field(default=4, metadata={"help": "Retries per failed teacher request."})
+    teacher_max_concurrency: int = field(default=8, metadata={"help": "Concurrent teacher server requests."})
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer to check against the student's (defaults to teacher_model / teacher_server_model)."},
+    )
+    # Verifier (used when no reward_funcs are passed to the trainer)
+    verifier: str = field(default="math", metadata={"help": "math, exact, code, or package.module:function."})
+    answer_field: str = field(default="answer", metadata={"help": "Dataset column with the gold answer."})
+    verifier_timeout: float = field(default=10.0, metadata={"help": "Seconds before a verification scores 0."})
+    # KD baseline (algorithm='kd', see scope_opd.kd)
+    kd_samples_per_prompt: int = field(default=4, metadata={"help": "KD: teacher samples per training prompt."})
+    kd_keep_only_correct: bool = field(default=True, metadata={"help": "KD: keep only verified-correct samples."})
+
+    # Paper Table 3 defaults (override GRPOConfig's).
+    learning_rate: float = field(default=5e-5, metadata={"help": "Paper Table 3: 5e-5 constant."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Paper Table 3: constant."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Paper Table 3: 0.01."})
+    temperature: float = field(default=0.6, metadata={"help": "Rollout temperature (paper: 0.6)."})
+    num_generations: int | None = field(default=8, metadata={"help": "Rollouts per prompt G (paper: 8)."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "Reference KL coefficient; default 1e-4 for grpo (paper), must be 0 for scope/opd."},
+    )
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        for name, value, allowed in (
+            ("weight_normalization", self.weight_normalization, NORMALIZATIONS),
+            ("student_weighting", self.student_weighting, STUDENT_WEIGHTINGS),
+            ("teacher_weighting", self.teacher_weighting, TEACHER_WEIGHTINGS),
+            ("loss_aggregation", self.loss_aggregation, AGGREGATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ValueError(f"tau must be positive and finite, got {self.tau}")
+        if self.beta is None:
+            self.beta = 1e-4 if self.algorithm == "grpo" else 0.0
+        if self.algorithm in ("scope", "opd") and self.beta != 0.0:
+            raise ValueError(f"beta (reference-model KL) is only used by algorithm='grpo'; got beta={self.beta} for {self.algorithm!r}")
+        if self.teacher_model and self.teacher_server_url:
+            raise ValueError("set either teacher_model (in-process) or teacher_server_url, not both")
+        if self.teacher_server_url and self.teacher_temperature != 1.0:
+            raise ValueError("teacher_temperature != 1 is only supported in-process; server prompt_logprobs are at temperature 1")
+        # The paper's OPD uses one rollout per prompt; TRL's GRPOConfig refuses G < 2 because GRPO
+        # advantages need a group. OPD never looks at the group, so allow G = 1 for it.
+        single_rollout_opd = self.algorithm == "opd" and self.num_generations == 1
+        if single_rollout_opd:
+            self.num_generations = 2
+        super().__post_init__()
+        if single_rollout_opd:
+            self.num_generations = 1
+
+
+class SCOPETrainer(GRPOTrainer):
+    """GRPOTrainer whose loss is SCOPE's (or OPD's), with a teacher scoring the student's rollouts.
+
+    Args (beyond ``GRPOTrainer``'s):
+        reward_funcs: optional; by default a verifier built from ``args.verifier`` / ``args.answer_field``.
+        teacher_model: a loaded ``PreTrainedModel`` (overrides ``args.teacher_model``).
+        teacher: any object with ``score(prompt_ids, completion_ids) -> list[Tensor]`` (see
+            ``scope_opd.teachers.TeacherScorer``), overriding both of the above.
+    """
+
+    _tag_names = ["trl", "scope"]
+    _name = "SCOPE"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: SCOPEConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        teacher_model: PreTrainedModel | str | None = None,
+        teacher=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = SCOPEConfig("scope-output")
+        if not isinstance(args, SCOPEConfig):
+            raise TypeError(f"args must be a SCOPEConfig, got {type(args).__name__}")
+        if args.algorithm == "kd":
+            raise ValueError("algorithm='kd' is the offline baseline: use scope_opd.kd.train_kd (or `scope train`)")
+        self.verifier_reward = None
+        if reward_funcs is None:
+            from .verifiers import RewardFunction, get_verifier
+
+            self.verifier_reward = RewardFunction(
+                get_verifier(args.verifier), answer_field=args.answer_field, timeout_s=args.verifier_timeout
+            )
+            reward_funcs = [self.verifier_reward]
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        self._phase_seconds: dict[str, float] = defaultdict(float)
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self._teacher_model_for_zero3 = False
+        self.teacher = None
+        if args.algorithm in ("scope", "opd"):
+            self.teacher = self._build_teacher(teacher_model, teacher)
+
+    # ------------------------------------------------------------------ teacher set-up
+
+    def _build_teacher(self, teacher_model, teacher):
+        from .teachers import InProcessTeacher, ServerTeacher, check_tokenizers_match, load_teacher_model
+
+        args = self.args
+        student_name = getattr(self.model.config, "_name_or_path", "student")
+        if teacher is not None:
+            return teacher
+        if teacher_model is None and args.teacher_model is None and args.teacher_server_url is None:
+            raise ValueError(
+                f"algorithm={args.algorithm!r} needs a teacher: set teacher_model (hub id or path) or teacher_server_url"
+            )
+        teacher_name = (
+            teacher_model if isinstance(teacher_model, str) else None
+        ) or args.teacher_model or args.teacher_server_model or args.teacher_server_url
+        if isinstance(teacher_model, PreTrainedModel):
+            teacher_name = getattr(teacher_model.config, "_name_or_path", "teacher")
+        tokenizer_source = args.teacher_tokenizer or (
+            teacher_name if not isinstance(teacher_model, PreTrainedModel) else teacher_model.config._name_or_path
+        )
+        teacher_tokenizer = None
+        if tokenizer_source and tokenizer_source != args.teacher_server_url:
+            try:
+                teacher_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+            except (OSError, ValueError) as err:
+                if args.teacher_server_url is None:
+                    raise ValueError(f"cannot load the teacher tokenizer from {tokenizer_source!r}: {err}") from err
+        if teacher_tokenizer is not None:
+            check_tokenizers_match(self._tokenizer, teacher_tokenizer, student_name, teacher_name)
+        else:
+            warnings.warn(
+                f"teacher tokenizer not available for {teacher_name!r}: the student/teacher tokenizer check is "
+                "skipped; set teacher_tokenizer to a local path or hub id to enable it",
+                stacklevel=2,
+            )
+
+        if args.teacher_server_url:
+            return ServerTeacher(
+                args.teacher_server_url,
+                model=args.teacher_server_model,
+                api_key_env=args.teacher_api_key_env,
+                timeout_s=args.teacher_timeout,
+                max_retries=args.teacher_max_retries,
+                max_concurrency=args.teacher_max_concurrency,
+            )
+
+        if isinstance(teacher_model, PreTrainedModel):
+            model = teacher_model
+        else:
+            model = load_teacher_model(teacher_model or args.teacher_model, dtype=args.teacher_dtype)
+        from .teachers import check_models_compatible
+
+        check_models_compatible(self.model.config, model.config, student_name, teacher_name)
+        model.eval()
+        model.requires_grad_(False)
+        # Placed and wrapped the way TRL prepares its reference model, so ZeRO-3 / FSDP shard it.
+        if self.is_deepspeed_enabled:
+            model = prepare_deepspeed(model, self.accelerator)
+            self._teacher_model_for_zero3 = True
+        elif self.is_fsdp_enabled:
+            model = prepare_fsdp(model, self.accelerator)
+            self._teacher_model_for_zero3 = True
+        else:
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        return InProcessTeacher(
+            model, batch_size=args.teacher_batch_size, device=self.accelerator.device, temperature=args.teacher_temperature
+        )
+
+    # ------------------------------------------------------------------ phase timings (paper Table 8)
+
+    def _timed(self, phase: str, fn, *a, **kw):
+        start = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self._phase_seconds[phase] += time.perf_counter() - start
+
+    def _generate(self, prompts):
+        return self._timed("generation", super()._generate, prompts)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = self._timed("reward", super()._calculate_rewards, inputs, prompts, completions, completion_ids_list)
+        # All processes' rewards, in global row order; SCOPE needs the raw verdicts, not GRPO advantages.
+        self._last_rewards_per_func = rewards
+        return rewards
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        start = time.perf_counter()
+        before = sum(self._phase_seconds.values())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Whatever this call spent outside rollout/verify/teacher phases is forward+backward.
+        self._phase_seconds["update"] += (time.perf_counter() - start) - (sum(self._phase_seconds.values()) - before)
+        if self.accelerator.sync_gradients:
+            for phase in ("generation", "old_logprob", "reward", "teacher", "update"):
+                self._metrics["train"][f"timing/{phase}"].append(self._phase_seconds.pop(phase, 0.0))
+        return loss
+
+    # ------------------------------------------------------------------ steps 2-5: verdicts, teacher, weights
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.algorithm == "grpo":
+            return output
+        if "pixel_values" in output or "tool_mask" in output:
+            raise NotImplementedError("SCOPE/OPD support text-only, single-turn rollouts")
+        output.update(self._scope_inputs(output))
+        return output
+
+    def _old_per_token_logps(self, output) -> torch.Tensor:
+        if output.get("old_per_token_logps") is not None:
+            return output["old_per_token_logps"]
+        # TRL skips this forward when steps are aligned (it uses logp.detach() in the loss), but the
+        # student-guided weights need the sampling policy's log-probs of *every* row of a group before
+        # the first micro-batch is updated: compute them once here (the paper's "old log-prob" phase).
+        start = time.perf_counter()
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
+                torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
+                output["completion_ids"].size(1),
+                batch_size=batch_size,
+            )
+        self._phase_seconds["old_logprob"] += time.perf_counter() - start
+        return logps
+
+    def _score_teacher(self, output, rows: torch.Tensor) -> torch.Tensor:
+        """Teacher log-probs ``[B, T]`` of the sampled tokens on ``rows`` (NaN elsewhere)."""
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        teacher_logps = torch.full(completion_ids.shape, float("nan"), device=completion_ids.device)
+        if self._teacher_model_for_zero3:
+            # Sharded teachers need every rank in every forward: score all rows, keep the needed ones.
+            rows = torch.ones_like(rows)
+        row_index = rows.nonzero().flatten().tolist()
+        if not row_index:
+            return teacher_logps
+        prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
+        lengths = completion_mask.sum(dim=1).tolist()
+        completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
+        start = time.perf_counter()
+        scored = self.teacher.score(prompt_ids, completions)
+        self._phase_seconds["teacher"] += time.perf_counter() - start
+        if len(scored) != len(row_index):
+            raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
+        for i, values in zip(row_index, scored):
+            n = int(lengths[i])
+            if values.shape[0] != n:
+                raise RuntimeError(f"teacher returned {values.shape[0]} log-probs for a completion of {n} tokens")
+            teacher_logps[i, :n] = values.to(teacher_logps.device, torch.float32)
+        return teacher_logps
+
+    def _scope_inputs(self, output) -> dict[str, Any]:
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        completion_mask = output["completion_mask"].bool()
+        local_batch = completion_mask.shape[0]
+        process_slice = slice(self.accelerator.process_index * local_batch, (self.accelerator.process_index + 1) * local_batch)
+
+        # Verdicts of all processes (global row order), from the rewards TRL just computed.
+        rewards_per_func = self._last_rewards_per_func
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        # An unscorable rollout (every reward function returned None) counts as incorrect: the teacher
+        # signal on the OPD path does not depend on the verdict.
+        verdict = (rewards >= args.correct_threshold - 1e-6) & ~unscorable
+        local_verdict = verdict[process_slice].to(device)
+
+        old_logps = self._old_per_token_logps(output)
+        output_old = {"old_per_token_logps": old_logps}
+        student_mean = sequence_mean_logp(old_logps, completion_mask)
+
+        on_teacher_path = ~local_verdict if args.algorithm == "scope" else torch.ones_like(local_verdict)
+        teacher_logps = self._score_teacher(output, on_teacher_path)
+        teacher_mean = sequence_mean_logp(teacher_logps, completion_mask)
+        nonempty = completion_mask.any(dim=1)
+        # A teacher NaN/-inf on a response token of a row that needs it: drop that row (weight 0, no loss).
+        teacher_bad = on_teacher_path & nonempty & ~torch.isfinite(torch.where(completion_mask, teacher_logps, 0.0)).all(dim=1)
+        valid = nonempty & ~teacher_bad
+
+        gather = self.accelerator.gather
+        all_verdict, all_valid = gather(local_verdict), gather(valid)
+        all_student_mean, all_teacher_mean = gather(student_mean), gather(teacher_mean)
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        group_ids = torch.arange(all_verdict.shape[0], device=device) // num_generations
+
+        if args.algorithm == "scope":
+            path_correct = all_verdict
+            student_weights, teacher_weights = dual_path_weights(
+                group_ids,
+                all_verdict,
+                all_student_mean,
+                all_teacher_mean,
+                tau=args.tau,
+                normalization=args.weight_normalization,
+                student_weighting=args.student_weighting,
+                teacher_weighting=args.teacher_weighting,
+                valid=all_valid,
+            )
+        else:  # opd: every valid rollout on the teacher path with weight 1
+            path_correct, student_weights, teacher_weights = opd_weights(all_verdict.shape[0], device=device)
+            teacher_weights = teacher_weights * all_valid
+
+        loss_mask = completion_mask & valid[:, None]
+        totals = gather(torch.stack([loss_mask.sum(), loss_mask.any(dim=1).sum()]).reshape(1, 2)).sum(dim=0)
+        self._log_generation_metrics(mode, group_ids, all_verdict, all_valid, all_student_mean, all_teacher_mean,
+                                     student_weights, teacher_weights, gather(teacher_bad))
+        return {
+            **output_old,
+            "scope_correct": path_correct[process_slice],
+            "scope_student_weights": student_weights[process_slice],
+            "scope_teacher_weights": teacher_weights[process_slice],
+            # Unused entries (correct rows, dropped rows) are zero, never NaN, so the loss sees clean inputs.
+            "teacher_per_token_logps": torch.where(loss_mask, teacher_logps, 0.0),
+            "scope_loss_mask": loss_mask.long(),
+            "scope_num_tokens": totals[0].float(),
+            "scope_num_rows": totals[1].float(),
+        }
+
+    def _log_generation_metrics(self, mode, group_ids, verdict, valid, student_mean, teacher_mean,
+                                student_weights, teacher_weights, teacher_bad):
+        metrics = self._metrics[mode]
+        verdict_f = verdict.float()
+        num_groups = int(group_ids.max()) + 1
+        per_group = torch.zeros(num_groups, device=verdict.device).index_add_(0, group_ids, verdict_f)
+        size = torch.bincount(group_ids, minlength=num_groups).float()
+        metrics["scope/frac_correct"].append(verdict_f.mean().item())
+        metrics["scope/frac_all_correct_groups"].append((per_group == size).float().mean().item())
+        metrics["scope/frac_all_wrong_groups"].append((per_group == 0).float().mean().item())
+        metrics["scope/student_weight_max"].append(student_weights.max().item())
+        metrics["scope/teacher_weight_max"].append(teacher_weights.max().item())
+        metrics["scope/frac_invalid_rows"].append((~valid).float().mean().item())
+        metrics["scope/teacher_nonfinite_rows"].append(teacher_bad.float().sum().item())
+
+        def ppl_mean(values, rows):
+            rows = rows & torch.isfinite(values)
+            return torch.exp(-values[rows]).mean().item() if rows.any() else float("nan")
+
+        metrics["scope/student_ppl_correct"].append(ppl_mean(student_mean, verdict))
+        metrics["scope/student_ppl_incorrect"].append(ppl_mean(student_mean, ~verdict))
+        metrics["scope/teacher_ppl_correct"].append(ppl_mean(teacher_mean, verdict))
+        metrics["scope/teacher_ppl_incorrect"].append(ppl_mean(teacher_mean, ~verdict))
+        if self.verifier_reward is not None and hasattr(self.verifier_reward, "stats_delta"):
+            for key, value in self.verifier_reward.stats_delta().items():
+                metrics[f"verifier/{key}"].append(float(value))
+        counters = getattr(self.teacher, "stats_delta", None)
+        if callable(counters):
+            for key, value in counters().items():
+                metrics[f"teacher/{key}"].append(float(value))
+
+    # ------------------------------------------------------------------ step 6: the loss
+
+    def _compute_loss(self, model, inputs):
+        if self.args.algorithm == "grpo":
+            return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+        )
+        loss, loss_metrics = self.scope_loss_from_inputs(per_token_logps, inputs, mode)
+
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        for key, value in loss_metrics.items():
+            if key in ("loss/mle", "loss/opd"):
+                # Micro-batch shares of the batch loss: scaled so the logged mean over an
+                # accumulation window equals the window's total, like TRL's "loss".
+                value = value * accumulation
+            if key != "num_tokens":
+                self._metrics[mode][f"scope/{key}"].append(value)
+        mask = inputs["scope_loss_mask"].bool()
+        totals = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum().float()]), reduction="sum")
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return loss
+
+    def scope_loss_from_inputs(self, per_token_logps: torch.Tensor, inputs: dict, mode: str = "train"):
+        """The exact call the trainer optimises: :func:`scope_loss` on one micro-batch.
+
+        The denominator is the whole generation batch's token (or row) count across processes,
+        rescaled to one accumulation window, so that summing micro-batch losses (gradient
+        accumulation) and averaging over processes (DDP) gives the loss of the whole batch.
+        """
+        aggregation = self.args.loss_aggregation
+        num_processes = self.accelerator.num_processes
+        window = self.current_gradient_accumulation_steps / self.args.steps_per_generation if mode == "train" else 1.0
+        count = inputs["scope_num_tokens"] if aggregation == "token-mean" else inputs["scope_num_rows"]
+        num_items = count.clamp(min=1.0) / num_processes * window
+        old = inputs.get("old_per_token_logps")
+        loss, metrics = scope_loss(
+            per_token_logps,
+            per_token_logps.detach() if old is None else old,
+            inputs["teacher_per_token_logps"],
+            inputs["scope_loss_mask"],
+            inputs["scope_correct"],
+            inputs["scope_student_weights"],
+            inputs["scope_teacher_weights"],
+            aggregation=aggregation,
+            num_items=None if aggregation == "sum" else num_items,
+        )
+        if aggregation == "sum":
+            loss = loss * num_processes / window
+        return loss, metrics
