@@ -1,0 +1,311 @@
+"""Teacher scoring over HTTP, with vLLM's OpenAI-compatible completions API.
+
+Each request is ``POST {base_url}/v1/completions`` with the token ids of
+``prompt + completion`` as ``"prompt"`` and ``"prompt_logprobs": 0``. vLLM
+answers (``vllm/entrypoints/openai/completion/protocol.py``,
+``CompletionResponseChoice.prompt_logprobs``) with one entry per prompt
+position: ``null`` for the first, then a dict keyed by the token id as a
+string, ``{"<id>": {"logprob": float, "rank": int, "decoded_token": str}}``,
+that always holds the actual token at that position (plus the top-k when
+``prompt_logprobs`` = k > 0). We read the entries of the completion positions.
+
+Request fields and why:
+
+* ``"max_tokens": 1``: vLLM rejects ``max_tokens < 1`` unless ``echo`` is set
+  (``vllm/sampling_params.py``), so the server decodes one throw-away token.
+* ``"temperature": 0``: that token is greedy; it never affects prompt logprobs,
+  which vLLM computes from raw logits by default (``--logprobs-mode raw_logprobs``).
+* ``"model"``: only sent when given; vLLM accepts a request without it.
+
+vLLM replaces a ``-inf`` prompt logprob with ``-9999.0``
+(``clamp_prompt_logprobs``); we map that sentinel back to ``-inf``. JSON
+``-Infinity`` / ``NaN`` (which Python servers, ours included, can emit) are
+parsed as such. Non-finite values are passed on; the trainer counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+import requests
+import torch
+
+__all__ = ["ServerTeacher", "TeacherServerError", "VLLM_NEG_INF_LOGPROB"]
+
+logger = logging.getLogger(__name__)
+
+# vLLM's JSON stand-in for a -inf log-prob (OpenAI uses the same value for "very unlikely").
+VLLM_NEG_INF_LOGPROB = -9999.0
+# Retrying cannot fix a malformed request or a refused key, but these statuses are transient.
+_RETRYABLE_STATUSES = {408, 429}
+_BODY_EXCERPT = 300
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server could not score some rows (after retries where retrying made sense).
+
+    Attributes:
+        url: the endpoint that failed.
+        rows: indices (into the ``score`` call's batch) of the rows of the failed request.
+    """
+
+    def __init__(self, message: str, *, url: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.url = url
+        self.rows = rows
+
+
+class _MalformedResponse(Exception):
+    """A 2xx response that does not hold what we asked for; worth a retry."""
+
+
+def _endpoint(base_url: str) -> tuple[str, str]:
+    """``(base_url, completions url)``; accepts ``http://host:port`` and OpenAI-style ``.../v1``."""
+    base = base_url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[: -len("/v1")]
+    return base, f"{base}/v1/completions"
+
+
+class ServerTeacher:
+    """:class:`~scope_opd.teachers.TeacherScorer` backed by a vLLM (or ``scope serve-teacher``) server.
+
+    Args:
+        base_url: server root, e.g. ``http://127.0.0.1:8000`` (a trailing ``/v1`` is accepted).
+        model: served model name to send as ``"model"``; ``None`` omits it.
+        api_key_env: name of the environment variable holding the API key. It
+            is read at each request and sent as ``Authorization: Bearer ...``;
+            unset means no header. The key is never stored on the object,
+            logged, or put in an error message.
+        timeout_s: per-request connect and read timeout, seconds.
+        max_retries: retries after the first attempt (so ``max_retries + 1``
+            attempts) on connection errors, timeouts, HTTP 5xx/408/429 and
+            malformed responses. Other 4xx responses fail at once.
+        backoff_s: sleep before retry ``r`` is ``backoff_s * 2**(r - 1)`` seconds.
+        max_concurrency: requests in flight at once (a thread pool per ``score`` call).
+        rows_per_request: rows sent together as a list of token-id prompts.
+
+    Counters for the trainer's logs: ``requests`` HTTP attempts sent,
+    ``retries`` attempts that were retries, ``failures`` requests that ended in
+    :class:`TeacherServerError`; totals since construction from
+    :meth:`counters`, increments since the previous call from :meth:`stats_delta`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key_env: str = "SCOPE_TEACHER_API_KEY",
+        timeout_s: float = 60,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_concurrency: int = 8,
+        rows_per_request: int = 1,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if max_concurrency < 1 or rows_per_request < 1:
+            raise ValueError(f"max_concurrency and rows_per_request must be >= 1, got {max_concurrency}, {rows_per_request}")
+        if timeout_s <= 0 or backoff_s < 0:
+            raise ValueError(f"timeout_s must be > 0 and backoff_s >= 0, got {timeout_s}, {backoff_s}")
+        self.base_url, self.url = _endpoint(base_url)
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_concurrency = max_concurrency
+        self.rows_per_request = rows_per_request
+        self.requests = 0
+        self.retries = 0
+        self.failures = 0
+        self._counter_lock = threading.Lock()
+        self._last_reported = {"requests": 0, "retries": 0, "failures": 0}
+        self._thread_local = threading.local()
+
+    def __repr__(self) -> str:
+        return (
+            f"ServerTeacher(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+            f"timeout_s={self.timeout_s}, max_retries={self.max_retries}, max_concurrency={self.max_concurrency}, "
+            f"rows_per_request={self.rows_per_request})"
+        )
+
+    def counters(self) -> dict[str, int]:
+        """Snapshot ``{"requests", "retries", "failures"}`` for logging."""
+        with self._counter_lock:
+            return {"requests": self.requests, "retries": self.retries, "failures": self.failures}
+
+    def stats_delta(self) -> dict[str, int]:
+        """Counter increments since the previous ``stats_delta`` call (per-step values for the trainer's log)."""
+        now = self.counters()
+        delta = {name: now[name] - self._last_reported[name] for name in now}
+        self._last_reported = now
+        return delta
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Per row, ``[len(completion_ids[i])]`` float32 CPU teacher log-probs (see :class:`TeacherScorer`).
+
+        Raises:
+            ValueError: row counts differ, or a non-empty completion has an empty prompt.
+            TeacherServerError: a request failed for good; names the URL and rows.
+        """
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        results: list[torch.Tensor | None] = [None] * len(prompt_ids)
+        scored_rows = []
+        for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+            if len(completion) == 0:
+                results[row] = torch.empty(0, dtype=torch.float32)
+            elif len(prompt) == 0:
+                # vLLM has no log-prob for position 0 of a prompt.
+                raise ValueError(f"row {row} has a completion but an empty prompt; its first token has no context to score")
+            else:
+                scored_rows.append(row)
+        groups = [scored_rows[i : i + self.rows_per_request] for i in range(0, len(scored_rows), self.rows_per_request)]
+
+        def run(rows: list[int]) -> None:
+            scores = self._request([_as_ids(prompt_ids[r]) for r in rows], [_as_ids(completion_ids[r]) for r in rows], rows)
+            for r, s in zip(rows, scores):
+                results[r] = s
+
+        if len(groups) <= 1 or self.max_concurrency == 1:
+            for rows in groups:
+                run(rows)
+            return results  # type: ignore[return-value]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(groups)), thread_name_prefix="teacher-http") as pool:
+            futures = [pool.submit(run, rows) for rows in groups]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                # Requests already in flight finish their (bounded) retries; queued ones never start.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise failed.exception()
+        return results  # type: ignore[return-value]
+
+    # -- one request ---------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        # One session (and keep-alive connection) per worker thread: requests.Session is not documented thread-safe.
+        session = getattr(self._thread_local, "session", None)
+        if session is None:
+            session = self._thread_local.session = requests.Session()
+        return session
+
+    def _count(self, **increments: int) -> None:
+        with self._counter_lock:
+            for name, n in increments.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def _request(self, prompts: list[list[int]], completions: list[list[int]], rows: list[int]) -> list[torch.Tensor]:
+        sequences = [p + c for p, c in zip(prompts, completions)]
+        payload: dict = {
+            "prompt": sequences[0] if len(sequences) == 1 else sequences,
+            "max_tokens": 1,
+            "temperature": 0,
+            "prompt_logprobs": 0,
+        }
+        if self.model is not None:
+            payload["model"] = self.model
+        body = json.dumps(payload)
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+
+        reason = ""
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                logger.warning(
+                    "teacher server %s, rows %s: attempt %d/%d failed (%s); retrying in %.2fs",
+                    self.url,
+                    rows,
+                    attempt,
+                    attempts,
+                    reason,
+                    delay,
+                )
+                time.sleep(delay)
+                self._count(retries=1)
+            self._count(requests=1)
+            try:
+                response = self._session().post(self.url, data=body, headers=headers, timeout=self.timeout_s)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                continue
+            except requests.RequestException as exc:
+                self._count(failures=1)
+                raise TeacherServerError(
+                    f"teacher server {self.url} request for rows {rows} failed: {type(exc).__name__}: {exc}",
+                    url=self.url,
+                    rows=rows,
+                ) from exc
+            status = response.status_code
+            if status >= 500 or status in _RETRYABLE_STATUSES:
+                reason = f"HTTP {status}: {response.text[:_BODY_EXCERPT]}"
+                continue
+            if status >= 400:
+                self._count(failures=1)
+                raise TeacherServerError(
+                    f"teacher server {self.url} rejected the request for rows {rows}: "
+                    f"HTTP {status}: {response.text[:_BODY_EXCERPT]}",
+                    url=self.url,
+                    rows=rows,
+                )
+            try:
+                # json.loads accepts NaN / Infinity / -Infinity, which is what we want here.
+                return _completion_logprobs(json.loads(response.content), sequences, [len(p) for p in prompts])
+            except (ValueError, _MalformedResponse) as exc:
+                reason = f"malformed response: {exc}"
+                continue
+        self._count(failures=1)
+        raise TeacherServerError(
+            f"teacher server {self.url} failed for rows {rows} after {attempts} attempts: {reason}", url=self.url, rows=rows
+        )
+
+
+def _as_ids(ids) -> list[int]:
+    # json.dumps needs plain ints; 1-D tensors are accepted too.
+    return ids.tolist() if isinstance(ids, torch.Tensor) else [int(t) for t in ids]
+
+
+def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
+    """Log-probs of the completion tokens from a completions response; strict about its shape."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or len(choices) != len(sequences):
+        got = f"{len(choices)}" if isinstance(choices, list) else type(choices).__name__
+        raise _MalformedResponse(f"expected {len(sequences)} choices, got {got}")
+    by_index = {}
+    for position, choice in enumerate(choices):
+        index = choice.get("index", position) if isinstance(choice, dict) else None
+        if not isinstance(index, int) or index in by_index or not 0 <= index < len(sequences):
+            raise _MalformedResponse(f"bad or repeated choice index {index!r}")
+        by_index[index] = choice
+
+    out = []
+    for i, (sequence, prompt_len) in enumerate(zip(sequences, prompt_lens)):
+        entries = by_index[i].get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(sequence):
+            got = len(entries) if isinstance(entries, list) else type(entries).__name__
+            raise _MalformedResponse(f"prompt {i}: prompt_logprobs has {got} entries for {len(sequence)} tokens")
+        values = []
+        for position in range(prompt_len, len(sequence)):
+            entry = entries[position]
+            item = entry.get(str(sequence[position])) if isinstance(entry, dict) else None
+            if item is None:
+                raise _MalformedResponse(f"prompt {i}: position {position} lacks the actual token {sequence[position]}")
+            # vLLM sends {"logprob": x, "rank": r, "decoded_token": s}; a bare number is accepted too.
+            value = item.get("logprob") if isinstance(item, dict) else item
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _MalformedResponse(f"prompt {i}: position {position} has logprob {value!r}")
+            values.append(-math.inf if value == VLLM_NEG_INF_LOGPROB else float(value))
+        out.append(torch.tensor(values, dtype=torch.float32))
+    return out
