@@ -26,6 +26,16 @@ class TrainScriptArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     prompt_field: str = field(default="prompt", metadata={"help": "Column with the prompt (text or chat messages)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    chat_prompt: bool = field(
+        default=False,
+        metadata={"help": "Wrap plain-text prompts as one user message so the tokenizer's chat template applies."},
+    )
+    instruction: str = field(
+        default="", metadata={"help": "Text appended to every prompt (e.g. the boxed-answer instruction)."}
+    )
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "Drop training prompts longer than this many tokens (paper: 4096)."}
+    )
     toy_train_size: int = field(default=2000, metadata={"help": "Toy task: number of training problems."})
     toy_quick: bool = field(default=False, metadata={"help": "Toy task: use the small quick-build toy models."})
     resume: bool = field(
@@ -63,7 +73,48 @@ def load_train_dataset(script_args: TrainScriptArguments, answer_field: str, see
         )
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
-    return dataset
+    return format_prompts(dataset, script_args.instruction, script_args.chat_prompt)
+
+
+def format_prompts(dataset, instruction: str, chat_prompt: bool):
+    """Append the instruction to each prompt and optionally make it a chat message."""
+
+    def fmt(row):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            text = f"{prompt.rstrip()}\n{instruction}" if instruction else prompt
+            return {"prompt": [{"role": "user", "content": text}] if chat_prompt else text}
+        if instruction:  # conversational: extend the last user message
+            last = dict(prompt[-1], content=f"{prompt[-1]['content'].rstrip()}\n{instruction}")
+            return {"prompt": [*prompt[:-1], last]}
+        return {"prompt": prompt}
+
+    if not instruction and not chat_prompt:
+        return dataset
+    return dataset.map(fmt, desc="formatting prompts")
+
+
+def drop_long_prompts(dataset, tokenizer, max_prompt_tokens: int | None):
+    """Filter out prompts longer than ``max_prompt_tokens`` (after the chat template), reporting how many."""
+    if max_prompt_tokens is None:
+        return dataset
+
+    def length(row):
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return len(ids) <= max_prompt_tokens
+
+    kept = dataset.filter(length, desc=f"dropping prompts over {max_prompt_tokens} tokens")
+    dropped = len(dataset) - len(kept)
+    if dropped:
+        print(f"scope train: dropped {dropped} of {len(dataset)} prompts longer than {max_prompt_tokens} tokens")
+    if len(kept) == 0:
+        raise ValueError(f"every training prompt is longer than max_prompt_tokens={max_prompt_tokens}")
+    return kept
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -97,6 +148,7 @@ def train(script_args, training_args, model_args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         student_name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
     )
+    train_dataset = drop_long_prompts(train_dataset, tokenizer, script_args.max_prompt_tokens)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         student_name,

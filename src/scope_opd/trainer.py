@@ -220,12 +220,12 @@ class SCOPETrainer(GRPOTrainer):
     # ------------------------------------------------------------------ teacher set-up
 
     def _build_teacher(self, teacher_model, teacher):
+        if teacher is not None:
+            return teacher
         from .teachers import InProcessTeacher, ServerTeacher, check_tokenizers_match, load_teacher_model
 
         args = self.args
         student_name = getattr(self.model.config, "_name_or_path", "student")
-        if teacher is not None:
-            return teacher
         if teacher_model is None and args.teacher_model is None and args.teacher_server_url is None:
             raise ValueError(
                 f"algorithm={args.algorithm!r} needs a teacher: set teacher_model (hub id or path) or teacher_server_url"
@@ -304,6 +304,13 @@ class SCOPETrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards
         return rewards
 
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if torch.is_grad_enabled():  # the update's forward: part of "update"
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        # A no-grad forward of the policy (TRL's or ours) is the paper's "old log-prob" phase.
+        phase = "old_logprob" if model is self.model else "ref_logprob"
+        return self._timed(phase, super()._get_per_token_logps_and_entropies, model, *args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch):
         start = time.perf_counter()
         before = sum(self._phase_seconds.values())
@@ -311,7 +318,7 @@ class SCOPETrainer(GRPOTrainer):
         # Whatever this call spent outside rollout/verify/teacher phases is forward+backward.
         self._phase_seconds["update"] += (time.perf_counter() - start) - (sum(self._phase_seconds.values()) - before)
         if self.accelerator.sync_gradients:
-            for phase in ("generation", "old_logprob", "reward", "teacher", "update"):
+            for phase in ("generation", "old_logprob", "ref_logprob", "reward", "teacher", "update"):
                 self._metrics["train"][f"timing/{phase}"].append(self._phase_seconds.pop(phase, 0.0))
         return loss
 
@@ -332,7 +339,6 @@ class SCOPETrainer(GRPOTrainer):
         # TRL skips this forward when steps are aligned (it uses logp.detach() in the loss), but the
         # student-guided weights need the sampling policy's log-probs of *every* row of a group before
         # the first micro-batch is updated: compute them once here (the paper's "old log-prob" phase).
-        start = time.perf_counter()
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -343,7 +349,6 @@ class SCOPETrainer(GRPOTrainer):
                 output["completion_ids"].size(1),
                 batch_size=batch_size,
             )
-        self._phase_seconds["old_logprob"] += time.perf_counter() - start
         return logps
 
     def _score_teacher(self, output, rows: torch.Tensor) -> torch.Tensor:
@@ -493,7 +498,7 @@ class SCOPETrainer(GRPOTrainer):
                 # Micro-batch shares of the batch loss: scaled so the logged mean over an
                 # accumulation window equals the window's total, like TRL's "loss".
                 value = value * accumulation
-            if key != "num_tokens":
+            if key not in ("num_tokens", "frac_correct"):  # the verdicts are logged per generation batch
                 self._metrics[mode][f"scope/{key}"].append(value)
         mask = inputs["scope_loss_mask"].bool()
         totals = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum().float()]), reduction="sum")
