@@ -11,6 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 
+def pytest_configure(config):
+    # Tiny models are dominated by thread overhead: one intra-op thread is ~10-100x faster on 2 cores.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def build_tiny_qwen2(tokenizer, *, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=0):
     """A randomly initialised Qwen2ForCausalLM sized for unit tests."""
     import torch

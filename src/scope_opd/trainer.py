@@ -114,6 +114,13 @@ class SCOPEConfig(GRPOConfig):
     teacher_timeout: float = field(default=120.0, metadata={"help": "Seconds per teacher server request."})
     teacher_max_retries: int = field(default=4, metadata={"help": "Retries per failed teacher request."})
     teacher_max_concurrency: int = field(default=8, metadata={"help": "Concurrent teacher server requests."})
+    teacher_allow_special_token_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept different bos/eos ids between student and teacher tokenizers (e.g. a base student "
+            "ending with <|endoftext|> and a chat teacher with <|im_end|>): the teacher scores the student's ids."
+        },
+    )
     teacher_tokenizer: str | None = field(
         default=None,
         metadata={"help": "Tokenizer to check against the student's (defaults to teacher_model / teacher_server_model)."},
@@ -212,7 +219,6 @@ class SCOPETrainer(GRPOTrainer):
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)
         self._last_rewards_per_func: torch.Tensor | None = None
-        self._teacher_model_for_zero3 = False
         self.teacher = None
         if args.algorithm in ("scope", "opd"):
             self.teacher = self._build_teacher(teacher_model, teacher)
@@ -246,7 +252,10 @@ class SCOPETrainer(GRPOTrainer):
                 if args.teacher_server_url is None:
                     raise ValueError(f"cannot load the teacher tokenizer from {tokenizer_source!r}: {err}") from err
         if teacher_tokenizer is not None:
-            check_tokenizers_match(self._tokenizer, teacher_tokenizer, student_name, teacher_name)
+            check_tokenizers_match(
+                self._tokenizer, teacher_tokenizer, student_name, teacher_name,
+                allow_special_token_mismatch=args.teacher_allow_special_token_mismatch,
+            )
         else:
             warnings.warn(
                 f"teacher tokenizer not available for {teacher_name!r}: the student/teacher tokenizer check is "
@@ -274,16 +283,20 @@ class SCOPETrainer(GRPOTrainer):
         model.eval()
         model.requires_grad_(False)
         # Placed and wrapped the way TRL prepares its reference model, so ZeRO-3 / FSDP shard it.
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if self.is_deepspeed_enabled:
             model = prepare_deepspeed(model, self.accelerator)
-            self._teacher_model_for_zero3 = True
         elif self.is_fsdp_enabled:
             model = prepare_fsdp(model, self.accelerator)
-            self._teacher_model_for_zero3 = True
         else:
             model = self.accelerator.prepare_model(model, evaluation_mode=True)
         return InProcessTeacher(
-            model, batch_size=args.teacher_batch_size, device=self.accelerator.device, temperature=args.teacher_temperature
+            model,
+            batch_size=args.teacher_batch_size,
+            device=self.accelerator.device,
+            temperature=args.teacher_temperature,
+            # Sharded forwards are collectives: every rank runs as many as the busiest rank.
+            synced_ranks=sharded and self.accelerator.num_processes > 1,
         )
 
     # ------------------------------------------------------------------ phase timings (paper Table 8)
@@ -355,11 +368,8 @@ class SCOPETrainer(GRPOTrainer):
         """Teacher log-probs ``[B, T]`` of the sampled tokens on ``rows`` (NaN elsewhere)."""
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         teacher_logps = torch.full(completion_ids.shape, float("nan"), device=completion_ids.device)
-        if self._teacher_model_for_zero3:
-            # Sharded teachers need every rank in every forward: score all rows, keep the needed ones.
-            rows = torch.ones_like(rows)
         row_index = rows.nonzero().flatten().tolist()
-        if not row_index:
+        if not row_index and not getattr(self.teacher, "synced_ranks", False):
             return teacher_logps
         prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
         lengths = completion_mask.sum(dim=1).tolist()
@@ -438,7 +448,7 @@ class SCOPETrainer(GRPOTrainer):
             "scope_student_weights": student_weights[process_slice],
             "scope_teacher_weights": teacher_weights[process_slice],
             # Unused entries (correct rows, dropped rows) are zero, never NaN, so the loss sees clean inputs.
-            "teacher_per_token_logps": torch.where(loss_mask, teacher_logps, 0.0),
+            "teacher_per_token_logps": torch.where(loss_mask & on_teacher_path[:, None], teacher_logps, 0.0),
             "scope_loss_mask": loss_mask.long(),
             "scope_num_tokens": totals[0].float(),
             "scope_num_rows": totals[1].float(),
