@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from .trainer import SCOPEConfig
 
@@ -94,12 +94,9 @@ def train_kd(model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, tea
         os.replace(tmp, kd_data_path)
         (Path(args.output_dir) / "kd_stats.json").write_text(json.dumps(stats, indent=2))
 
-    sft_fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
-    shared = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(SCOPEConfig)
-        if f.init and f.name in sft_fields and f.name not in ("max_length",)
-    }
+    # Only the generic optimisation/logging/checkpoint settings carry over (the ones every
+    # transformers TrainingArguments has); GRPO-specific fields such as loss_type do not.
+    shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     shared.update(max_length=None, completion_only_loss=True)
     sft_args = SFTConfig(**shared)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=sft_dataset, processing_class=tokenizer)

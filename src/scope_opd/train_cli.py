@@ -146,14 +146,14 @@ def train(script_args, training_args, model_args) -> int:
     train_dataset = load_train_dataset(script_args, training_args.answer_field, training_args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(
-        student_name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+        student_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
     train_dataset = drop_long_prompts(train_dataset, tokenizer, script_args.max_prompt_tokens)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         student_name,
         revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
+        trust_remote_code=training_args.trust_remote_code,
         dtype=dtype if dtype is not None else "auto",
         attn_implementation=model_args.attn_implementation,
     )
