@@ -67,9 +67,22 @@ def generate_teacher_dataset(teacher_model, tokenizer, train_dataset: Dataset, a
     return Dataset.from_dict(rows), stats
 
 
+def _atomic_sft_trainer():
+    from trl import SFTTrainer
+
+    from .checkpointing import AtomicCheckpointMixin
+
+    class AtomicSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+        pass
+
+    return AtomicSFTTrainer
+
+
 def train_kd(model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, teacher_model=None, resume_from_checkpoint=None):
     """Run the KD baseline; returns the ``SFTTrainer`` after training (model saved to ``output_dir``)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    AtomicSFTTrainer = _atomic_sft_trainer()
 
     if teacher_model is None:
         if not args.teacher_model:
@@ -99,7 +112,7 @@ def train_kd(model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, tea
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     shared.update(max_length=None, completion_only_loss=True)
     sft_args = SFTConfig(**shared)
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=sft_dataset, processing_class=tokenizer)
+    trainer = AtomicSFTTrainer(model=model, args=sft_args, train_dataset=sft_dataset, processing_class=tokenizer)
     if stats:
         trainer.log({f"kd/{k}": float(v) for k, v in stats.items()})
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)

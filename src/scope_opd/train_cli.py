@@ -117,15 +117,6 @@ def drop_long_prompts(dataset, tokenizer, max_prompt_tokens: int | None):
     return kept
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder that finished writing (has trainer_state.json), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
-
-
 def run_cli(argv: list[str], prog: str = "scope train") -> int:
     from trl import ModelConfig, TrlParser
 
@@ -157,7 +148,11 @@ def train(script_args, training_args, model_args) -> int:
         dtype=dtype if dtype is not None else "auto",
         attn_implementation=model_args.attn_implementation,
     )
+    from .checkpointing import last_complete_checkpoint
+
     resume_from = last_complete_checkpoint(training_args.output_dir) if script_args.resume else None
+    if script_args.resume:
+        print(f"scope train: resuming from {resume_from}" if resume_from else "scope train: no checkpoint yet, starting fresh")
 
     if training_args.algorithm == "kd":
         from .kd import train_kd

@@ -40,6 +40,7 @@ from .algorithms import (
     scope_loss,
     sequence_mean_logp,
 )
+from .checkpointing import AtomicCheckpointMixin
 
 ALGORITHMS = ("scope", "opd", "grpo", "kd")
 
@@ -175,7 +176,7 @@ class SCOPEConfig(GRPOConfig):
             self.num_generations = 1
 
 
-class SCOPETrainer(GRPOTrainer):
+class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose loss is SCOPE's (or OPD's), with a teacher scoring the student's rollouts.
 
     Args (beyond ``GRPOTrainer``'s):
