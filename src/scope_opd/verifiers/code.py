@@ -1,0 +1,156 @@
+"""Code verifier: run the completion's program on the gold test cases in the sandbox.
+
+Gold test cases follow the TACO / APPS convention, as a dict or its JSON text:
+
+* stdin/stdout: ``{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}``
+* function call: ``{"fn_name": "add", "inputs": [[1, 2], ...], "outputs": [3, ...]}``
+  (a top-level function, or a method of ``class Solution``). As in APPS, an
+  expected output wrapped in a one-element list also accepts the bare value.
+
+Output comparison (done here, outside the sandbox): stdout matches when its
+lines equal the expected lines up to trailing whitespace and blank lines at
+either end, or else when the whitespace-separated tokens match one by one, with
+numeric tokens equal within 1e-6 (relative or absolute), as judges of
+floating-point answers do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from .extract import last_python_block
+from .registry import InvalidGoldError
+from .sandbox import ProgramRun, SandboxLimits, run_program
+
+__all__ = [
+    "TestCases",
+    "code_pass_fraction",
+    "code_score",
+    "parse_test_cases",
+    "passed_tests",
+    "returned_matches",
+    "stdout_matches",
+]
+
+_NUMBER_TOKEN = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_FLOAT_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class TestCases:
+    """Parallel lists of test inputs and expected outputs; ``fn_name`` None means stdin/stdout style."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    inputs: list
+    outputs: list
+    fn_name: str | None = None
+
+
+def parse_test_cases(gold: object) -> TestCases:
+    """:class:`TestCases` from a dict or JSON text.
+
+    Raises:
+        InvalidGoldError: not JSON, missing or misaligned ``inputs``/``outputs``, or no test at all.
+    """
+    if isinstance(gold, (str, bytes)):
+        try:
+            gold = json.loads(gold)
+        except ValueError as error:
+            raise InvalidGoldError(f"code test cases are not valid JSON: {error}") from error
+    if not isinstance(gold, dict):
+        raise InvalidGoldError(f"code test cases must be a dict or JSON object, got {type(gold).__name__}")
+    inputs, outputs = gold.get("inputs"), gold.get("outputs")
+    if not isinstance(inputs, list) or not isinstance(outputs, list):
+        raise InvalidGoldError("code test cases need 'inputs' and 'outputs' lists")
+    if len(inputs) != len(outputs):
+        raise InvalidGoldError(f"{len(inputs)} test inputs but {len(outputs)} expected outputs")
+    if not inputs:
+        raise InvalidGoldError("no test cases: nothing to verify against")
+    fn_name = gold.get("fn_name") or None
+    if fn_name is not None and not isinstance(fn_name, str):
+        raise InvalidGoldError(f"fn_name must be a string, got {type(fn_name).__name__}")
+    return TestCases(inputs=inputs, outputs=outputs, fn_name=fn_name)
+
+
+def _as_text(expected: object) -> str:
+    if isinstance(expected, list):
+        return "\n".join(str(line) for line in expected)
+    return str(expected)
+
+
+def _tokens_match(actual: str, expected: str) -> bool:
+    if actual == expected:
+        return True
+    if _NUMBER_TOKEN.fullmatch(actual) and _NUMBER_TOKEN.fullmatch(expected):
+        return math.isclose(float(actual), float(expected), rel_tol=_FLOAT_TOLERANCE, abs_tol=_FLOAT_TOLERANCE)
+    return False
+
+
+def stdout_matches(actual: str, expected: object) -> bool:
+    """Whether a program's stdout matches the expected output (see the module docstring)."""
+    expected_text = _as_text(expected)
+    actual_lines = [line.rstrip() for line in actual.strip().splitlines()]
+    expected_lines = [line.rstrip() for line in expected_text.strip().splitlines()]
+    if actual_lines == expected_lines:
+        return True
+    actual_tokens, expected_tokens = actual.split(), expected_text.split()
+    return len(actual_tokens) == len(expected_tokens) and all(map(_tokens_match, actual_tokens, expected_tokens))
+
+
+def returned_matches(actual: object, expected: object) -> bool:
+    """Whether a function's return value (through JSON, so tuples are lists) matches the expected output."""
+    if actual == expected:
+        return True
+    # TACO/APPS store a call's expected return value wrapped in a one-element list.
+    return isinstance(expected, list) and len(expected) == 1 and actual == expected[0]
+
+
+def passed_tests(run: ProgramRun, cases: TestCases) -> list[bool]:
+    """Per test case, whether it ran to completion with the expected output."""
+    passed = []
+    for outcome, expected in zip(run.tests, cases.outputs):
+        if outcome.status != "ok":
+            passed.append(False)
+        elif cases.fn_name is None:
+            passed.append(outcome.stdout is not None and stdout_matches(outcome.stdout, expected))
+        else:
+            passed.append(returned_matches(outcome.returned, expected))
+    return passed
+
+
+def _run(completion: str, gold: object, limits: SandboxLimits, stop_at_first_error: bool) -> list[bool]:
+    cases = parse_test_cases(gold)
+    run = run_program(
+        last_python_block(completion),
+        cases.inputs,
+        fn_name=cases.fn_name,
+        limits=limits,
+        stop_at_first_error=stop_at_first_error,
+    )
+    return passed_tests(run, cases)
+
+
+def code_pass_fraction(completion: str, gold: object, *, limits: SandboxLimits = SandboxLimits()) -> float:
+    """Fraction of the gold test cases that the completion's program passes.
+
+    The program is the last ```python fenced block of the completion, else the
+    whole completion.
+
+    Raises:
+        InvalidGoldError: see :func:`parse_test_cases`.
+        SandboxUnavailable: this host cannot contain untrusted code.
+    """
+    passed = _run(completion, gold, limits, stop_at_first_error=False)
+    return sum(passed) / len(passed)
+
+
+def code_score(completion: str, gold: object, *, limits: SandboxLimits = SandboxLimits()) -> float:
+    """1.0 when the completion's program passes every gold test case, else 0.0.
+
+    Like :func:`code_pass_fraction`, but stops at the first error or timeout.
+    """
+    return 1.0 if all(_run(completion, gold, limits, stop_at_first_error=True)) else 0.0
