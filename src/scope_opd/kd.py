@@ -78,8 +78,11 @@ def _atomic_sft_trainer():
     return AtomicSFTTrainer
 
 
-def train_kd(model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, teacher_model=None, resume_from_checkpoint=None):
-    """Run the KD baseline; returns the ``SFTTrainer`` after training (model saved to ``output_dir``)."""
+def build_kd_trainer(
+    model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, teacher_model=None, resume_from_checkpoint=None,
+    callbacks=None,
+):
+    """Sample and filter the teacher's solutions, then return the ``SFTTrainer`` (not yet trained)."""
     from trl import SFTConfig
 
     AtomicSFTTrainer = _atomic_sft_trainer()
@@ -112,9 +115,21 @@ def train_kd(model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, tea
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     shared.update(max_length=None, completion_only_loss=True)
     sft_args = SFTConfig(**shared)
-    trainer = AtomicSFTTrainer(model=model, args=sft_args, train_dataset=sft_dataset, processing_class=tokenizer)
-    if stats:
-        trainer.log({f"kd/{k}": float(v) for k, v in stats.items()})
+    trainer = AtomicSFTTrainer(
+        model=model, args=sft_args, train_dataset=sft_dataset, processing_class=tokenizer, callbacks=callbacks
+    )
+    if stats:  # kept with the run's logs (trainer_state.json) without printing before training starts
+        trainer.state.log_history.append({**{f"kd/{k}": float(v) for k, v in stats.items()}, "step": 0})
+    return trainer
+
+
+def train_kd(
+    model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, teacher_model=None, resume_from_checkpoint=None,
+    callbacks=None,
+):
+    """Run the KD baseline; returns the ``SFTTrainer`` after training (model saved to ``output_dir``)."""
+    trainer = build_kd_trainer(model, tokenizer, train_dataset, args, teacher_model=teacher_model,
+                               resume_from_checkpoint=resume_from_checkpoint, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     return trainer
