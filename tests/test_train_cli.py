@@ -120,3 +120,20 @@ def test_unreachable_teacher_server_is_a_clear_error(tmp_path, tiny_pair_dir):
                           teacher_tokenizer=tiny_pair_dir["teacher"], teacher_max_retries=0, teacher_timeout=2)
     with pytest.raises(TeacherServerError, match="127.0.0.1:9"):
         scope_main(["train", "--config", config])
+
+
+@pytest.mark.parametrize("algorithm", ["scope", "opd", "grpo", "kd"])
+def test_toy_presets_run_from_the_repository(tmp_path, monkeypatch, algorithm):
+    """configs/toy/*.yaml as shipped, on the quick toy models (built into a temporary cache)."""
+    monkeypatch.setenv("SCOPE_OPD_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).parent.parent / "configs" / "toy" / f"{algorithm}.yaml"
+    out = tmp_path / algorithm
+    extra = ["--kd_keep_only_correct", "false"] if algorithm == "kd" else []  # quick teachers are rarely right
+    argv = ["train", "--config", str(config), "--toy_quick", "true", "--max_steps", "1", "--save_steps", "1",
+            "--per_device_train_batch_size", "16", "--toy_train_size", "64", "--output_dir", str(out), *extra]
+    if algorithm == "kd":
+        argv += ["--max_train_samples", "4"]
+    assert scope_main(argv) == 0
+    assert (out / "checkpoint-1" / "model.safetensors").is_file()
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
