@@ -208,6 +208,16 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             raise TypeError(f"args must be a SCOPEConfig, got {type(args).__name__}")
         if args.algorithm == "kd":
             raise ValueError("algorithm='kd' is the offline baseline: use scope_opd.kd.train_kd (or `scope train`)")
+        # TRL's RepeatSampler drops a generation batch that is not full: with fewer prompts than one
+        # generation batch needs, training would run zero steps and still report success.
+        prompts_per_batch = args.generation_batch_size // args.num_generations
+        if hasattr(train_dataset, "__len__") and len(train_dataset) < prompts_per_batch:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts, but one generation batch takes {prompts_per_batch} "
+                f"distinct prompts (generation_batch_size {args.generation_batch_size} / num_generations "
+                f"{args.num_generations}), so no training step could run; add prompts or lower "
+                "per_device_train_batch_size / steps_per_generation"
+            )
         self.verifier_reward = None
         if reward_funcs is None:
             from .verifiers import RewardFunction, get_verifier
@@ -316,7 +326,23 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         rewards = self._timed("reward", super()._calculate_rewards, inputs, prompts, completions, completion_ids_list)
         # All processes' rewards, in global row order; SCOPE needs the raw verdicts, not GRPO advantages.
         self._last_rewards_per_func = rewards
+        self._log_reward_counters()
         return rewards
+
+    def _log_reward_counters(self):
+        """Failure counters (errors, timeouts, bad golds) of every reward function that keeps them - our
+        RewardFunction, built from ``args.verifier`` or passed in ``reward_funcs`` - summed over processes,
+        for every algorithm: ``verifier/<key>``, or ``verifier/<name>/<key>`` when several keep counters."""
+        mode = "train" if self.model.training else "eval"
+        counted = [(name, func) for name, func in zip(self.reward_func_names, self.reward_funcs)
+                   if callable(getattr(func, "stats_delta", None))]
+        for name, func in counted:
+            delta = func.stats_delta()
+            local = torch.tensor([list(delta.values())], dtype=torch.float32, device=self.accelerator.device)
+            totals = self.accelerator.gather(local).sum(dim=0).tolist()
+            prefix = "verifier" if len(counted) == 1 else f"verifier/{name}"
+            for key, value in zip(delta, totals):
+                self._metrics[mode][f"{prefix}/{key}"].append(value)
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if torch.is_grad_enabled():  # the update's forward: part of "update"
@@ -383,7 +409,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         for i, values in zip(row_index, scored):
             n = int(lengths[i])
             if values.shape[0] != n:
-                raise RuntimeError(f"teacher returned {values.shape[0]} log-probs for a completion of {n} tokens")
+                raise RuntimeError(
+                    f"teacher returned {values.shape[0]} log-probs for row {i} of the generation batch, whose "
+                    f"completion has {n} tokens ({type(self.teacher).__name__}.score must return one per token)"
+                )
             teacher_logps[i, :n] = values.to(teacher_logps.device, torch.float32)
         return teacher_logps
 
@@ -402,11 +431,19 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         # An unscorable rollout (every reward function returned None) counts as incorrect: the teacher
         # signal on the OPD path does not depend on the verdict.
         verdict = (rewards >= args.correct_threshold - 1e-6) & ~unscorable
+        self._metrics[mode]["scope/unscorable_rows"].append(unscorable.float().sum().item())
         local_verdict = verdict[process_slice].to(device)
 
-        old_logps = self._old_per_token_logps(output)
-        output_old = {"old_per_token_logps": old_logps}
-        student_mean = sequence_mean_logp(old_logps, completion_mask)
+        # Only student-guided weights need the sampling policy's log-probs before the update; OPD and
+        # the uniform-student ablation skip that extra forward unless TRL computed it anyway.
+        needs_student_weights = args.algorithm == "scope" and args.student_weighting != "uniform"
+        old_logps = self._old_per_token_logps(output) if needs_student_weights else output.get("old_per_token_logps")
+        output_old = {} if old_logps is None else {"old_per_token_logps": old_logps}
+        student_mean = (
+            sequence_mean_logp(old_logps, completion_mask)
+            if old_logps is not None
+            else torch.full((local_batch,), float("nan"), device=device)
+        )
 
         on_teacher_path = ~local_verdict if args.algorithm == "scope" else torch.ones_like(local_verdict)
         teacher_logps = self._score_teacher(output, on_teacher_path)
@@ -478,9 +515,6 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         metrics["scope/student_ppl_incorrect"].append(ppl_mean(student_mean, ~verdict))
         metrics["scope/teacher_ppl_correct"].append(ppl_mean(teacher_mean, verdict))
         metrics["scope/teacher_ppl_incorrect"].append(ppl_mean(teacher_mean, ~verdict))
-        if self.verifier_reward is not None and hasattr(self.verifier_reward, "stats_delta"):
-            for key, value in self.verifier_reward.stats_delta().items():
-                metrics[f"verifier/{key}"].append(float(value))
         counters = getattr(self.teacher, "stats_delta", None)
         if callable(counters):
             for key, value in counters().items():
