@@ -35,6 +35,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import requests
 import torch
+import urllib3
 
 __all__ = ["ServerTeacher", "TeacherServerError", "VLLM_NEG_INF_LOGPROB"]
 
@@ -83,7 +84,8 @@ class ServerTeacher:
             is read at each request and sent as ``Authorization: Bearer ...``;
             unset means no header. The key is never stored on the object,
             logged, or put in an error message.
-        timeout_s: per-request connect and read timeout, seconds.
+        timeout_s: seconds one attempt may take, from sending the request to the
+            last byte of the answer (also the connect and per-read socket timeout).
         max_retries: retries after the first attempt (so ``max_retries + 1``
             attempts) on connection errors, timeouts, HTTP 5xx/408/429 and
             malformed responses. Other 4xx responses fail at once.
@@ -236,8 +238,10 @@ class ServerTeacher:
                 time.sleep(delay)
                 self._count(retries=1)
             self._count(requests=1)
+            deadline = time.monotonic() + self.timeout_s
             try:
-                response = self._session().post(self.url, data=body, headers=headers, timeout=self.timeout_s)
+                response = self._session().post(self.url, data=body, headers=headers, timeout=self.timeout_s, stream=True)
+                content = _read_body(response, deadline, self.timeout_s)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
@@ -249,20 +253,21 @@ class ServerTeacher:
                     rows=rows,
                 ) from exc
             status = response.status_code
+            excerpt = content[:_BODY_EXCERPT].decode("utf-8", errors="replace")
             if status >= 500 or status in _RETRYABLE_STATUSES:
-                reason = f"HTTP {status}: {response.text[:_BODY_EXCERPT]}"
+                reason = f"HTTP {status}: {excerpt}"
                 continue
             if status >= 400:
                 self._count(failures=1)
                 raise TeacherServerError(
                     f"teacher server {self.url} rejected the request for rows {rows}: "
-                    f"HTTP {status}: {response.text[:_BODY_EXCERPT]}",
+                    f"HTTP {status}: {excerpt}",
                     url=self.url,
                     rows=rows,
                 )
             try:
                 # json.loads accepts NaN / Infinity / -Infinity, which is what we want here.
-                return _completion_logprobs(json.loads(response.content), sequences, [len(p) for p in prompts])
+                return _completion_logprobs(json.loads(content), sequences, [len(p) for p in prompts])
             except (ValueError, _MalformedResponse) as exc:
                 reason = f"malformed response: {exc}"
                 continue
@@ -270,6 +275,32 @@ class ServerTeacher:
         raise TeacherServerError(
             f"teacher server {self.url} failed for rows {rows} after {attempts} attempts: {reason}", url=self.url, rows=rows
         )
+
+
+def _read_body(response: requests.Response, deadline: float, timeout_s: float) -> bytes:
+    """The whole body of a streamed response, or ``requests.Timeout`` once ``deadline`` (monotonic) passes.
+
+    ``requests``' timeout bounds each socket read, not the answer: a server that trickles its body a
+    few bytes at a time would never time out, and the trainer would wait for it indefinitely. So the
+    body is read with ``read1`` (whatever has arrived, at most one socket read) and the clock checked
+    in between: an attempt that keeps receiving bytes ends soon after ``deadline``, one that
+    receives nothing ends after ``timeout_s`` more at most (the socket timeout).
+    """
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # an older urllib3 without partial reads: only each socket read is bounded
+        return response.content
+    chunks = []
+    try:
+        while chunk := read1(1 << 16, decode_content=True):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                response.close()  # a half-read connection cannot carry another request
+                raise requests.Timeout(f"the answer was not complete after {timeout_s:g} s")
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.Timeout(str(exc)) from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise requests.ConnectionError(str(exc)) from exc
+    return b"".join(chunks)
 
 
 def _as_ids(ids) -> list[int]:
