@@ -291,7 +291,10 @@ def _read_json_rows(path: Path) -> Iterable[tuple[str, Mapping]]:
     with opener(path, "rt", encoding="utf-8") as fh:
         text = fh.read()
     if path.name.endswith(".json") and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
         for i, row in enumerate(rows):
             yield f"row {i}", row
         return
@@ -312,7 +315,15 @@ def _read_rows(source: str, *, split: str = "test", hf_config: str | None = None
         if path.name.endswith(".parquet"):
             import datasets
 
-            ds = datasets.Dataset.from_parquet(str(path))
+            import pyarrow.parquet
+
+            try:
+                if pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0:
+                    # datasets refuses a row-less file with 'Instruction "train" corresponds to no data!'.
+                    return str(path), iter(())
+                ds = datasets.Dataset.from_parquet(str(path))
+            except pyarrow.ArrowException as err:
+                raise ValueError(f"{path}: cannot read this parquet file ({err})") from err
             return str(path), ((f"row {i}", row) for i, row in enumerate(ds))
         if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
             return str(path), _read_json_rows(path)
