@@ -52,7 +52,10 @@ def main():
     parser.add_argument("--rollouts", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
     batch = args.prompts * args.rollouts
