@@ -126,12 +126,36 @@ def format_reading(results: dict) -> str:
             f"- At r = {last} the gap is {_pct(gap_last['gap'], gap_last['stderr'])} points "
             f"({_verdict(gap_last['gap'], gap_last['stderr'])}).{trend}; the paper's shrinks to 7.2 points at r = 0.8."
         )
+    by_bucket = [results["recovery"][name][first]["rate"] for name in BUCKETS]
+    if None not in by_bucket:
+        monotone = all(a >= b for a, b in zip(by_bucket, by_bucket[1:]))
+        lines.append(
+            f"- Across quartiles at r = {first} ({', '.join(_pct(x) for x in by_bucket)}%) recovery "
+            + ("falls monotonically with teacher PPL." if monotone else "does not fall monotonically with teacher PPL.")
+        )
     overall = results["recovery"]["all"]
     lines.append(
         "- Overall recovery by ratio: "
         + ", ".join(f"r = {r}: {_pct(overall[r]['rate'])}%" for r in ratios)
         + ". Longer prefixes keep more of the student's error, so recovery usually falls with r."
     )
+    if overall[last]["rate"] is not None and overall[last]["rate"] < 0.05:
+        lines.append(
+            f"- At r = {last} almost nothing is recovered in any quartile (floor effect): the gap there is bounded "
+            "by the floor, not evidence for or against the paper."
+        )
+    for a, b in zip(ratios, ratios[1:]):
+        pairs = [
+            (s["truncations"][a], s["truncations"][b])
+            for s in results["solutions"]
+            if s["truncations"][a] is not None and s["truncations"][b] is not None
+        ]
+        same = sum(x["cut_chars"] == y["cut_chars"] for x, y in pairs)
+        if pairs and same / len(pairs) >= 0.5:
+            lines.append(
+                f"- r = {a} and r = {b} cut {same} of {len(pairs)} solutions at the same newline (few lines per "
+                "solution), so those columns share most of their prefixes."
+            )
     char_cuts = sum(counts["char_cuts"].values())
     skipped = sum(counts["skipped_prefixes"].values())
     if char_cuts or skipped:
