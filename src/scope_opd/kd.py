@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from .trainer import SCOPEConfig
 
 
-def generate_teacher_dataset(teacher_model, tokenizer, train_dataset: Dataset, args: SCOPEConfig) -> tuple[Dataset, dict]:
+def generate_teacher_dataset(
+    teacher_model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, progress: bool = True
+) -> tuple[Dataset, dict]:
     """(prompt, completion) pairs sampled from the teacher and filtered by the verifier."""
     from .evaluation.sampling import sample_completions
     from .verifiers import RewardFunction, get_verifier
@@ -39,6 +41,7 @@ def generate_teacher_dataset(teacher_model, tokenizer, train_dataset: Dataset, a
         max_new_tokens=args.max_completion_length,
         batch_size=max(1, args.per_device_train_batch_size),
         seed=args.seed,
+        progress=progress,
     )
     reward = RewardFunction(get_verifier(args.verifier), answer_field=args.answer_field, timeout_s=args.verifier_timeout)
     flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
@@ -80,7 +83,7 @@ def _atomic_sft_trainer():
 
 def build_kd_trainer(
     model, tokenizer, train_dataset: Dataset, args: SCOPEConfig, *, teacher_model=None, resume_from_checkpoint=None,
-    callbacks=None,
+    callbacks=None, progress: bool = True,
 ):
     """Sample and filter the teacher's solutions, then return the ``SFTTrainer`` (not yet trained)."""
     from trl import SFTConfig
@@ -103,7 +106,7 @@ def build_kd_trainer(
         sft_dataset = Dataset.from_json(str(kd_data_path))
         stats = {}
     else:
-        sft_dataset, stats = generate_teacher_dataset(teacher_model, tokenizer, train_dataset, args)
+        sft_dataset, stats = generate_teacher_dataset(teacher_model, tokenizer, train_dataset, args, progress=progress)
         os.makedirs(args.output_dir, exist_ok=True)
         tmp = kd_data_path.with_suffix(".jsonl.tmp")
         sft_dataset.to_json(str(tmp))
