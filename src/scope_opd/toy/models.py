@@ -33,10 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from .task import toy_max_completion_chars, toy_problems, toy_solution
 from .tokenizer import build_char_tokenizer
@@ -48,7 +46,6 @@ __all__ = [
     "ToyRecipe",
     "default_cache_dir",
     "ensure_toy_models",
-    "hub_loadable_char_tokenizer",
     "train_toy_model",
 ]
 
@@ -241,33 +238,6 @@ def _right_padded_batch(
     return input_ids, labels, attention_mask
 
 
-def hub_loadable_char_tokenizer(char_tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
-    """The same ids and encodings as ``char_tokenizer``, written so a qwen2 checkpoint reloads it intact.
-
-    transformers 5's ``AutoTokenizer`` loads every checkpoint whose ``config.json``
-    says ``model_type: qwen2`` as ``Qwen2Tokenizer``, which rebuilds a byte-level
-    BPE from the saved vocab and so silently drops the plain " " and "\\n" entries
-    of a char vocab. Spelling the vocab in byte-level symbols (" " -> "Ġ",
-    "\\n" -> "Ċ") with a byte-level pre-tokenizer and no merges makes both
-    loaders produce one token per character with the original ids. (Characters
-    outside the vocab: unk here, dropped by ``Qwen2Tokenizer``; the toy task has none.)
-    """
-    byte_symbol = bytes_to_unicode()
-    vocab = {"".join(byte_symbol[b] for b in token.encode()): i for token, i in char_tokenizer.get_vocab().items()}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=char_tokenizer.unk_token))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(char_tokenizer.all_special_tokens))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token=char_tokenizer.eos_token,
-        pad_token=char_tokenizer.pad_token,
-        unk_token=char_tokenizer.unk_token,
-        padding_side=char_tokenizer.padding_side,
-        model_max_length=char_tokenizer.model_max_length,
-    )
-
-
 def _save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Path, digits: int) -> None:
     # Sampling defaults of the paper's evaluation protocol (temperature 0.6, top-p 0.95,
     # top-k 20), like the generation_config.json of hub reasoning models.
@@ -283,7 +253,7 @@ def _save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase
         top_k=20,
     )
     model.save_pretrained(path)
-    hub_loadable_char_tokenizer(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _is_complete(folder: Path) -> bool:
