@@ -191,7 +191,8 @@ def _run_recovery(args: argparse.Namespace) -> int:
         if args.dataset == TOY_DATASET:
             from ..toy.task import toy_max_completion_chars
 
-            max_new_tokens = 2 * (toy_max_completion_chars() + 1)  # the toy models' own generation budget
+            # Twice the longest toy solution plus EOS: room for a rambling wrong answer to show itself.
+            max_new_tokens = 2 * (toy_max_completion_chars() + 1)
         else:
             max_new_tokens = 32768
     settings = RecoverySettings(
