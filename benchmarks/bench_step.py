@@ -68,10 +68,13 @@ def main():
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
     from scope_opd.toy.task import toy_dataset
     from scope_opd.trainer import SCOPEConfig, SCOPETrainer
@@ -92,7 +95,7 @@ def main():
     dataset = Dataset.from_dict({"prompt": prompts["prompt"], "answer": prompts["answer"]})
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
 
-    trainers = {}
+    trainers, initial_weights = {}, None
     for name, overrides in METHODS.items():
         config = SCOPEConfig(
             output_dir=f"{workdir}/{name}", per_device_train_batch_size=args.prompts * args.generations,
@@ -103,11 +106,16 @@ def main():
             **overrides,
         )
         model = AutoModelForCausalLM.from_pretrained(paths["student"], dtype=dtype)
+        if initial_weights is None:
+            initial_weights = {k: v.clone() for k, v in model.state_dict().items()}
         trainers[name] = SCOPETrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainers[name].remove_callback(PrinterCallback)  # the table below is the output
 
     per_method = {name: [] for name in METHODS}
     for round_index in range(args.rounds + 1):
         for name, trainer in trainers.items():
+            # Every round starts from the same student, so each method samples from the same policy.
+            trainer.model.load_state_dict(initial_weights)
             trainer.state.log_history.clear()
             start = time.perf_counter()
             trainer.train()

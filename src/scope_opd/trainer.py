@@ -454,7 +454,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         valid = nonempty & ~teacher_bad
 
         gather = self.accelerator.gather
-        all_verdict, all_valid = gather(local_verdict), gather(valid)
+        all_verdict, all_valid = verdict.to(device), gather(valid)  # verdicts are global already
         all_student_mean, all_teacher_mean = gather(student_mean), gather(teacher_mean)
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         group_ids = torch.arange(all_verdict.shape[0], device=device) // num_generations

@@ -318,6 +318,11 @@ def render_report(summary: dict) -> str:
         f"- models: teacher `{s['teacher']}`, student `{s['student']}`",
         f"- wall time: {summary['wall_seconds'] / 60:.1f} min",
         "",
+        "Plots: `pass_at_k.png` (Pass@k for k = 1..K, like paper Fig. 4) and `training_curves.png` (held-out "
+        "accuracy every few steps on a small held-out set, and the policy entropy the trainer logs, like Fig. 3). "
+        "KD's entropy is SFTTrainer's, measured on the teacher's solutions at temperature 1; the on-policy methods' "
+        "is measured on their own rollouts with the rollout temperature, so only the on-policy curves compare.",
+        "",
         f"Paper Table 1 for reference (1.5B student, 6 maths benchmarks, Avg@32 / Pass@32): "
         + ", ".join(f"{m} {a}/{p}" for m, (a, p) in PAPER_TABLE1.items()),
     ]
