@@ -139,7 +139,8 @@ def _error(message: str) -> int:
 
 def load_recovery_problems(args: argparse.Namespace):
     """The ProblemSet a ``recovery`` run studies: the toy test split, a --dataset, or a --benchmark."""
-    from ..evaluation import Problem, ProblemSet, load_benchmark, load_problems
+    from ..evaluation import Problem, ProblemSet
+    from ..evaluation.cli import benchmark_problem_set, dataset_problem_set
 
     if args.dataset and args.benchmark:
         raise ValueError("use either --benchmark or --dataset, not both")
@@ -151,28 +152,9 @@ def load_recovery_problems(args: argparse.Namespace):
         problems = [Problem(str(i), p.prompt, p.answer) for i, p in enumerate(toy)]
         return ProblemSet(TOY_DATASET, problems, verifier=args.verifier or "math", source="scope_opd.toy test split")
     if args.dataset:
-        return load_problems(
-            args.dataset,
-            prompt_field=args.prompt_field or "problem",
-            answer_field=args.answer_field or "answer",
-            id_field=args.id_field,
-            verifier=args.verifier or "math",
-            instruction=args.instruction,
-            split=args.split,
-            limit=args.limit,
-        )
+        return dataset_problem_set(args)
     if args.benchmark:
-        problem_set = load_benchmark(
-            args.benchmark,
-            file=args.benchmark_file,
-            limit=args.limit,
-            prompt_field=args.prompt_field,
-            answer_field=args.answer_field,
-            instruction=args.instruction,
-        )
-        if args.verifier:
-            problem_set.verifier = args.verifier
-        return problem_set
+        return benchmark_problem_set(args, args.benchmark, args.benchmark_file)
     raise ValueError(f"say which problems to use: --dataset FILE, --dataset {TOY_DATASET} or --benchmark NAME")
 
 

@@ -158,23 +158,41 @@ def _default_out(model: str) -> Path:
     return Path("eval_results") / slug
 
 
+def dataset_problem_set(args):
+    """The ``--dataset`` problems with the field / verifier / instruction options (also used by ``scope analyze``)."""
+    return load_problems(
+        args.dataset,
+        prompt_field=args.prompt_field or "problem",
+        answer_field=args.answer_field or "answer",
+        id_field=args.id_field,
+        verifier=args.verifier or "math",
+        instruction=args.instruction,
+        split=args.split,
+        name=getattr(args, "name", None),
+        limit=args.limit,
+    )
+
+
+def benchmark_problem_set(args, name: str, file=None):
+    """One registered benchmark with the override options (also used by ``scope analyze``)."""
+    problem_set = load_benchmark(
+        name,
+        file=file,
+        limit=args.limit,
+        prompt_field=args.prompt_field,
+        answer_field=args.answer_field,
+        instruction=args.instruction,
+    )
+    if args.verifier:
+        problem_set.verifier = args.verifier
+    return problem_set
+
+
 def _problem_sets(args) -> list:
     if args.dataset and args.benchmark:
         raise ValueError("use either --benchmark or --dataset, not both")
     if args.dataset:
-        return [
-            load_problems(
-                args.dataset,
-                prompt_field=args.prompt_field or "problem",
-                answer_field=args.answer_field or "answer",
-                id_field=args.id_field,
-                verifier=args.verifier or "math",
-                instruction=args.instruction,
-                split=args.split,
-                name=args.name,
-                limit=args.limit,
-            )
-        ]
+        return [dataset_problem_set(args)]
     if not args.benchmark:
         raise ValueError("say what to evaluate: --benchmark NAME (repeatable) or --dataset FILE")
     files = args.benchmark_file
@@ -182,20 +200,7 @@ def _problem_sets(args) -> list:
         raise ValueError(
             f"{len(files)} --benchmark-file for {len(args.benchmark)} --benchmark: give one per benchmark, in order"
         )
-    sets = []
-    for i, name in enumerate(args.benchmark):
-        problem_set = load_benchmark(
-            name,
-            file=files[i] if files else None,
-            limit=args.limit,
-            prompt_field=args.prompt_field,
-            answer_field=args.answer_field,
-            instruction=args.instruction,
-        )
-        if args.verifier:
-            problem_set.verifier = args.verifier
-        sets.append(problem_set)
-    return sets
+    return [benchmark_problem_set(args, name, files[i] if files else None) for i, name in enumerate(args.benchmark)]
 
 
 def _run_compare(args) -> int:
