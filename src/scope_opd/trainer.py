@@ -218,14 +218,12 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                 f"{args.num_generations}), so no training step could run; add prompts or lower "
                 "per_device_train_batch_size / steps_per_generation"
             )
-        self.verifier_reward = None
         if reward_funcs is None:
             from .verifiers import RewardFunction, get_verifier
 
-            self.verifier_reward = RewardFunction(
+            reward_funcs = [RewardFunction(
                 get_verifier(args.verifier), answer_field=args.answer_field, timeout_s=args.verifier_timeout
-            )
-            reward_funcs = [self.verifier_reward]
+            )]
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)
