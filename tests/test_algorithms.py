@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scope_opd import dual_path_weights, opd_weights, scope_loss, sequence_mean_logp
-from scope_opd.algorithms import AGGREGATIONS
+from scope_opd.algorithms import AGGREGATIONS, loss_denominators
 
 NAN = float("nan")
 
@@ -306,8 +306,13 @@ def test_gradient_at_old_policy_matches_analytic(aggregation):
     per_token = torch.where(correct[:, None], -w_stu[:, None], w_tea[:, None] * (old - torch.nan_to_num(teacher)))
     per_token = torch.where(mask, per_token, 0.0)
     n_tok = mask.sum(1)
+    correct_tokens = (mask & correct[:, None]).sum()
     if aggregation == "token-mean":
         expected = per_token / mask.sum()
+    elif aggregation == "authors":  # MLE over the correct rows' tokens, OPD over all tokens
+        expected = torch.where(correct[:, None], per_token / correct_tokens, per_token / mask.sum())
+    elif aggregation == "path-token-mean":  # each path over its own tokens
+        expected = torch.where(correct[:, None], per_token / correct_tokens, per_token / (mask.sum() - correct_tokens))
     elif aggregation == "sum":
         expected = per_token
     elif aggregation == "seq-mean-token-sum":
@@ -347,13 +352,145 @@ def test_importance_ratio_enters_linearly_and_log_ratio_is_detached():
 
 def test_num_items_makes_microbatches_add_up():
     old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
-    full, _ = scope_loss(old.clone(), old, teacher, mask, correct, w_stu, w_tea)
+    full, _ = scope_loss(old.clone(), old, teacher, mask, correct, w_stu, w_tea, aggregation="token-mean")
     total_tokens = float(mask.sum())
     parts = [
-        scope_loss(old[s].clone(), old[s], teacher[s], mask[s], correct[s], w_stu[s], w_tea[s], num_items=total_tokens)[0]
+        scope_loss(old[s].clone(), old[s], teacher[s], mask[s], correct[s], w_stu[s], w_tea[s],
+                   aggregation="token-mean", num_items=total_tokens)[0]
         for s in (slice(0, 2), slice(2, 6))
     ]
     assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_global_per_path_denominators_make_microbatches_add_up(aggregation):
+    """Summed loss_denominators of the micro-batches, passed as num_items, reproduce the whole batch (value and grad)."""
+    old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
+    logp = (old + 0.1).requires_grad_(True)
+    full, _ = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, aggregation=aggregation)
+    full.backward()
+    full_grad = logp.grad.clone()
+    logp.grad = None
+    # Micro-batches that split the paths unevenly, one of them with no correct row at all.
+    pieces = (slice(0, 1), slice(1, 3), slice(3, 6))
+    num_items = sum(loss_denominators(mask[s], correct[s], aggregation) for s in pieces)
+    torch.testing.assert_close(num_items, loss_denominators(mask, correct, aggregation) * (3 if aggregation == "sum" else 1))
+    total = sum(
+        scope_loss(logp[s], old[s], teacher[s], mask[s], correct[s], w_stu[s], w_tea[s],
+                   aggregation=aggregation, num_items=num_items)[0]
+        for s in pieces
+    )
+    total.backward()
+    assert total.item() == pytest.approx(full.item(), rel=1e-6)
+    torch.testing.assert_close(logp.grad, full_grad)
+
+
+@pytest.mark.parametrize("aggregation", ["authors", "path-token-mean"])
+def test_mle_gradient_does_not_shrink_with_the_fraction_of_correct_tokens(aggregation):
+    """With token-mean over all tokens the MLE gradient per correct token is 1/N_all, so it shrinks as accuracy
+    drops (1, 1/2, 1/4, 1/8 at 100/50/25/12.5% correct tokens); the authors' MLE path divides by correct tokens."""
+    grads = {}
+    for agg in ("token-mean", aggregation):
+        grads[agg] = []
+        for n_correct in (8, 4, 2, 1):
+            correct = torch.arange(8) < n_correct
+            logp = torch.full((8, 5), -1.0, requires_grad=True)
+            w_stu = correct.float()
+            w_tea = (~correct).float()
+            loss, _ = scope_loss(logp, logp.detach(), torch.full((8, 5), -1.0), torch.ones(8, 5, dtype=torch.bool),
+                                 correct, w_stu, w_tea, aggregation=agg)
+            loss.backward()
+            grads[agg].append(-logp.grad[correct].sum().item())  # total MLE gradient mass
+    assert grads["token-mean"] == pytest.approx([1.0, 0.5, 0.25, 0.125])
+    assert grads[aggregation] == pytest.approx([1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_an_empty_path_contributes_exactly_zero(aggregation):
+    old, teacher, mask, _, _, _ = _loss_batch()
+    teacher = torch.nan_to_num(teacher)
+    for correct in (torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)):
+        w = torch.ones(6)
+        logp = old.clone().requires_grad_(True)
+        num_items = loss_denominators(mask, correct, aggregation)
+        loss, metrics = scope_loss(logp, old, teacher, mask, correct, w * correct, w * ~correct,
+                                   aggregation=aggregation, num_items=num_items)
+        loss.backward()
+        assert torch.isfinite(logp.grad).all()
+        empty = "loss/opd" if correct.all() else "loss/mle"
+        assert metrics[empty] == 0.0
+    # A zero global denominator (no token of that path anywhere) is 0, not NaN.
+    zero = scope_loss(old, old, teacher, torch.zeros_like(mask), torch.zeros(6, dtype=torch.bool), torch.zeros(6),
+                      torch.ones(6), aggregation=aggregation, num_items=torch.zeros(2))[0]
+    assert zero.item() == 0.0
+
+
+def test_loss_denominators_table():
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    correct = torch.tensor([True, False, True, False])
+    expect = {"authors": [3, 6], "path-token-mean": [3, 3], "token-mean": [6, 6], "sum": [1, 1],
+              "seq-mean-token-sum": [3, 3], "seq-mean-token-mean": [3, 3]}
+    assert set(expect) == set(AGGREGATIONS)
+    for aggregation, values in expect.items():
+        assert loss_denominators(mask, correct, aggregation).tolist() == values, aggregation
+
+
+def test_ppo_clip_stops_the_gradient_outside_the_trust_region_on_both_paths():
+    old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
+    teacher = torch.nan_to_num(teacher)
+    for shift, moving_out in ((0.5, "up"), (-0.5, "down")):
+        logp = (old + shift).requires_grad_(True)  # rho = e^0.5 = 1.65 or e^-0.5 = 0.61: outside [0.8, 1.2]
+        loss, metrics = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, aggregation="sum", clip_epsilon=0.2)
+        loss.backward()
+        adv = torch.where(correct[:, None], w_stu[:, None], -w_tea[:, None] * (logp.detach() - teacher))
+        # PPO: a token is clipped (no gradient) when the ratio left the region in the direction its advantage pushes.
+        pushed_out = (adv > 0) if moving_out == "up" else (adv < 0)
+        rho = torch.exp(torch.tensor(shift))
+        expected = torch.where(mask & ~pushed_out, -adv * rho, 0.0)
+        torch.testing.assert_close(logp.grad, expected)
+        assert metrics["clip/frac"] == pytest.approx((mask & pushed_out).sum().item() / mask.sum().item())
+    # Inside the region clipping changes nothing.
+    logp = (old + 0.05).requires_grad_(True)
+    a = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, clip_epsilon=0.2)[0]
+    b = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea)[0]
+    assert a.item() == pytest.approx(b.item())
+
+
+def test_dual_clip_bounds_negative_advantage_tokens():
+    """rho = e^2 on an OPD token the teacher dislikes (A < 0): plain PPO loss -rho*A = 7.4*|A|; dual clip 3 caps it at 3*|A|."""
+    logp = torch.tensor([[0.0]], requires_grad=True)
+    old = torch.tensor([[-2.0]])
+    teacher = torch.tensor([[-1.0]])  # logp - logp_T = 1 -> A = -w_tea * 1 = -1
+    args = (logp, old, teacher, torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), torch.zeros(1), torch.ones(1))
+    plain, _ = scope_loss(*args, aggregation="sum", clip_epsilon=0.2)
+    dual, _ = scope_loss(*args, aggregation="sum", clip_epsilon=0.2, dual_clip=3.0)
+    assert plain.item() == pytest.approx(math.exp(2.0))
+    assert dual.item() == pytest.approx(3.0)
+    dual.backward()
+    assert logp.grad.item() == 0.0
+
+
+def test_mle_logp_surrogate_is_the_authors_weighted_nll_at_any_theta():
+    old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
+    logp = (old + 0.4).requires_grad_(True)
+    loss, metrics = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, aggregation="sum",
+                               mle_surrogate="logp", clip_epsilon=0.2)
+    loss.backward()
+    grad_correct = torch.where(mask & correct[:, None], -w_stu[:, None].expand_as(old), 0.0)
+    torch.testing.assert_close(torch.where(correct[:, None], logp.grad, 0.0), grad_correct)
+    expect_mle = -(w_stu[:, None] * torch.where(mask & correct[:, None], logp.detach(), 0.0)).sum()
+    assert metrics["loss/mle"] == pytest.approx(expect_mle.item(), rel=1e-6)
+
+
+def test_token_weights_multiply_each_token_loss():
+    old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
+    weights = torch.rand(old.shape, generator=torch.Generator().manual_seed(3))
+    logp = (old + 0.2).requires_grad_(True)
+    loss, _ = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, aggregation="sum", token_weights=weights)
+    loss.backward()
+    rho = math.exp(0.2)
+    adv = torch.where(correct[:, None], w_stu[:, None], -w_tea[:, None] * (logp.detach() - torch.nan_to_num(teacher)))
+    torch.testing.assert_close(logp.grad, torch.where(mask, -adv * rho * weights, 0.0))
 
 
 def test_bf16_loss_gradient_close_to_fp32():
@@ -387,6 +524,16 @@ def test_loss_bad_inputs():
     old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
     with pytest.raises(ValueError, match="aggregation"):
         scope_loss(old, old, teacher, mask, correct, w_stu, w_tea, aggregation="mean")
+    with pytest.raises(ValueError, match="mle_surrogate"):
+        scope_loss(old, old, teacher, mask, correct, w_stu, w_tea, mle_surrogate="nll")
+    with pytest.raises(ValueError, match="clip_epsilon"):
+        scope_loss(old, old, teacher, mask, correct, w_stu, w_tea, clip_epsilon=1.5)
+    with pytest.raises(ValueError, match="dual_clip"):
+        scope_loss(old, old, teacher, mask, correct, w_stu, w_tea, dual_clip=0.5)
+    with pytest.raises(ValueError, match="num_items"):
+        scope_loss(old, old, teacher, mask, correct, w_stu, w_tea, num_items=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="num_items"):
+        scope_loss(old, old, teacher, mask, correct, w_stu, w_tea, num_items=float("nan"))
     with pytest.raises(ValueError, match="mask has shape"):
         scope_loss(old, old, teacher, mask[:, :3], correct, w_stu, w_tea)
     with pytest.raises(ValueError, match="empty batch"):

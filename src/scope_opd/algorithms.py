@@ -40,16 +40,18 @@ __all__ = [
     "sequence_mean_logp",
     "dual_path_weights",
     "scope_loss",
+    "loss_denominators",
     "opd_weights",
 ]
 
 STUDENT_WEIGHTINGS = ("perplexity", "inverse", "uniform")
 TEACHER_WEIGHTINGS = ("inverse_perplexity", "perplexity", "uniform")
 NORMALIZATIONS = ("mean", "sum")
-AGGREGATIONS = ("token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean")
+AGGREGATIONS = ("authors", "path-token-mean", "token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean")
+MLE_SURROGATES = ("ratio", "logp")
 
 Normalization = Literal["mean", "sum"]
-Aggregation = Literal["token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean"]
+Aggregation = Literal["authors", "path-token-mean", "token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean"]
 
 
 def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
@@ -232,6 +234,68 @@ def opd_weights(batch_size: int, device: torch.device | str | None = None) -> tu
     )
 
 
+def loss_denominators(mask: torch.Tensor, correct: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
+    """The ``(mle, opd)`` denominators of ``aggregation`` over one (micro-)batch, as ``[2]`` float32.
+
+    :func:`scope_loss` divides each path's summed token losses by its denominator:
+
+    ========================  ==========================================  ==========================================
+    aggregation               MLE path (correct rows) divided by          OPD path (incorrect rows) divided by
+    ========================  ==========================================  ==========================================
+    ``"authors"``             masked tokens of correct rows               all masked tokens
+    ``"path-token-mean"``     masked tokens of correct rows               masked tokens of incorrect rows
+    ``"token-mean"``          all masked tokens                           all masked tokens
+    ``"seq-mean-token-*"``    rows with at least one masked token         the same
+    ``"sum"``                 nothing (ones; ``num_items`` is ignored)    nothing
+    ========================  ==========================================  ==========================================
+
+    Counts are additive: sum them over the micro-batches of an optimiser step and over processes
+    to get the global denominators that make micro-batch losses add up to the batch loss, and pass
+    them as ``scope_loss(..., num_items=...)``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    mask = _as_bool("mask", mask)
+    correct = _as_bool("correct", correct)
+    if mask.dim() != 2 or tuple(correct.shape) != (mask.shape[0],):
+        raise ValueError(f"mask must be [B, T] and correct [B], got {tuple(mask.shape)} and {tuple(correct.shape)}")
+    if aggregation == "sum":
+        return torch.ones(2, dtype=torch.float32, device=mask.device)
+    if aggregation.startswith("seq-mean"):
+        rows = mask.any(dim=1).sum().float()
+        return torch.stack([rows, rows])
+    tokens_per_row = mask.sum(dim=1).float()
+    all_tokens = tokens_per_row.sum()
+    correct_tokens = (tokens_per_row * correct).sum()
+    if aggregation == "token-mean":
+        return torch.stack([all_tokens, all_tokens])
+    if aggregation == "authors":
+        return torch.stack([correct_tokens, all_tokens])
+    return torch.stack([correct_tokens, all_tokens - correct_tokens])  # path-token-mean
+
+
+def _clipped_token_loss(
+    rho: torch.Tensor,
+    advantage: torch.Tensor,
+    clip_epsilon: float | None,
+    clip_epsilon_high: float | None,
+    dual_clip: float | None,
+) -> torch.Tensor:
+    """PPO token loss ``-rho * A``, optionally clipped (PPO) and dual-clipped on ``A < 0`` (Ye et al. 2020).
+
+    Unclipped it is exactly the paper's surrogate. Clipped: ``max(-rho A, -clip(rho, 1-eps, 1+eps_high) A)``;
+    dual clip bounds the loss of negative-advantage tokens by ``-dual_clip * A`` (``dual_clip > 1``).
+    """
+    loss = -rho * advantage
+    if clip_epsilon is not None:
+        high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+        clipped = -torch.clamp(rho, 1.0 - clip_epsilon, 1.0 + high) * advantage
+        loss = torch.maximum(loss, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantage < 0, torch.minimum(loss, -dual_clip * advantage), loss)
+    return loss
+
+
 def scope_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -241,27 +305,39 @@ def scope_loss(
     student_weights: torch.Tensor,
     teacher_weights: torch.Tensor,
     *,
-    aggregation: Aggregation = "token-mean",
-    num_items: float | None = None,
+    aggregation: Aggregation = "authors",
+    num_items: float | torch.Tensor | tuple[float, float] | None = None,
+    mle_surrogate: str = "ratio",
+    clip_epsilon: float | None = None,
+    clip_epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SCOPE surrogate objective (paper eqs. 6-7), to be minimised.
 
     Per response token, with ``rho = exp(logp - old_logp)``:
 
     * correct rows (MLE path, eq. 6):   ``-w_stu * rho``; at ``logp == old_logp`` its
-      gradient is ``-w_stu * d logp`` (weighted maximum likelihood);
+      gradient is ``-w_stu * d logp`` (weighted maximum likelihood). With
+      ``mle_surrogate="logp"`` it is ``-w_stu * logp`` instead (the authors' code: no ratio;
+      the same gradient at ``theta_old``, ``-w_stu * d logp`` at any theta);
     * incorrect rows (OPD path, eq. 6): ``w_tea * rho * sg(logp - teacher_logp)``; the
-      detached student-teacher log-ratio acts as a negative per-token advantage,
-      so its gradient is ``w_tea * (logp - teacher_logp) * d logp``.
+      detached student-teacher log-ratio acts as a negative per-token advantage
+      ``A = -w_tea * sg(logp - teacher_logp)``, so its gradient is ``w_tea * (logp - teacher_logp) * d logp``.
 
-    Aggregation over the masked tokens:
+    Both are the PPO token loss ``-rho * A`` (``A = w_stu`` on the MLE path). Off-policy safety
+    (rho far from 1 when a generation batch is reused): ``clip_epsilon`` applies PPO's clip
+    ``max(-rho A, -clip(rho, 1 - eps, 1 + eps_high) A)`` to every token that has a ratio, and
+    ``dual_clip`` (> 1) bounds negative-advantage tokens' loss by ``-dual_clip * A``; the
+    authors' setting is ``clip_epsilon=0.2, dual_clip=3, mle_surrogate="logp"``. Both off
+    (default) is the paper's surrogate. ``token_weights`` (``[B, T]``, detached) multiplies
+    every token's loss, e.g. TRL's vLLM importance-sampling correction.
 
-    * ``"token-mean"`` (default, as the authors' code): sum / number of masked tokens;
-    * ``"sum"``: the paper's token sums;
-    * ``"seq-mean-token-sum"``: mean over rows of per-row sums;
-    * ``"seq-mean-token-mean"``: mean over rows of per-row token means.
-
-    The ``seq-mean`` modes average over rows that have at least one masked token.
+    Aggregation: each path's token sum is divided by its own denominator (see
+    :func:`loss_denominators` for the table): ``"authors"`` (default, the authors' verl code:
+    MLE over the correct rows' tokens, OPD over all tokens), ``"path-token-mean"``,
+    ``"token-mean"``, ``"sum"`` (the paper's token sums), ``"seq-mean-token-sum"``,
+    ``"seq-mean-token-mean"``. A path with no tokens contributes exactly 0.
 
     Args:
         logp: ``[B, T]`` current-policy log-probs of the sampled tokens (requires grad).
@@ -272,29 +348,41 @@ def scope_loss(
         correct: ``[B]`` bool or 0/1 verifier outcome.
         student_weights, teacher_weights: ``[B]`` from :func:`dual_path_weights`.
         aggregation: one of :data:`AGGREGATIONS`.
-        num_items: optional global denominator (masked tokens for ``token-mean``, non-empty
-            rows for the ``seq-mean`` modes) so that the losses of micro-batches add up to
-            the loss of the whole batch under gradient accumulation. Ignored for ``"sum"``.
+        num_items: optional global denominators: a number for both paths, or ``(mle, opd)``
+            (a ``[2]`` tensor or pair), e.g. :func:`loss_denominators` summed over the micro-batches
+            of an optimiser step and over processes, so that micro-batch losses add up to the
+            loss of the whole batch. Defaults to this batch's own :func:`loss_denominators`.
+            Ignored for ``"sum"``.
 
     Returns:
         ``(loss, metrics)``: a scalar float32 tensor, and a dict of floats for logging:
         ``loss/mle`` and ``loss/opd`` (each path's share of ``loss``, they add up to it),
         ``opd/log_ratio_mean`` (token mean of ``logp - teacher_logp`` on incorrect rows, the
         sampled-token reverse KL estimate; NaN if none), ``frac_correct``, ``ratio/mean``
-        (mean ``rho`` over masked tokens), ``num_tokens``.
+        (mean ``rho`` over masked tokens), ``clip/frac`` (fraction of masked tokens whose loss
+        the clipping changed), ``num_tokens``.
 
     Raises:
-        ValueError: shape mismatch, empty batch, unknown aggregation, or a NaN/inf
+        ValueError: shape mismatch, empty batch, unknown option, or a NaN/inf
             in ``logp``/``old_logp``/``teacher_logp`` on a masked token that is used.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if mle_surrogate not in MLE_SURROGATES:
+        raise ValueError(f"mle_surrogate must be one of {MLE_SURROGATES}, got {mle_surrogate!r}")
+    if clip_epsilon is not None and not (0 < clip_epsilon < 1):
+        raise ValueError(f"clip_epsilon must be in (0, 1), got {clip_epsilon!r}")
+    if clip_epsilon_high is not None and (clip_epsilon is None or not clip_epsilon_high > 0):
+        raise ValueError(f"clip_epsilon_high needs clip_epsilon and must be > 0, got {clip_epsilon_high!r}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     batch, _ = logp.shape
     if batch == 0 or logp.shape[1] == 0:
         raise ValueError(f"scope_loss got an empty batch, logp shape {tuple(logp.shape)}")
-    for name, x in {"old_logp": old_logp, "mask": mask, "teacher_logp": teacher_logp}.items():
+    shaped = {"old_logp": old_logp, "mask": mask, "teacher_logp": teacher_logp, "token_weights": token_weights}
+    for name, x in shaped.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(logp.shape)} like logp")
     for name, x in {"correct": correct, "student_weights": student_weights, "teacher_weights": teacher_weights}.items():
@@ -306,6 +394,7 @@ def scope_loss(
     # bf16 inputs: compute in fp32 so exp/ratios do not lose precision; autograd casts back.
     logp32 = logp.float()
     old32 = old_logp.detach().float()
+    correct_tokens = mask & correct[:, None]
     incorrect_tokens = mask & ~correct[:, None]
     for name, x, where in (("logp", logp32.detach(), mask), ("old_logp", old32, mask)):
         bad = where & ~torch.isfinite(x)
@@ -321,6 +410,11 @@ def scope_loss(
         teacher32 = torch.where(incorrect_tokens, teacher32, 0.0)
     else:
         teacher32 = torch.zeros_like(old32)
+    if token_weights is not None:
+        token_weights = token_weights.detach().float()
+        bad = mask & ~torch.isfinite(token_weights)
+        if bad.any():
+            raise ValueError(f"token_weights is NaN/inf on masked tokens of rows {_row_list(bad.any(dim=1))}")
 
     # Masked positions may hold padding garbage (even -inf): neutralise before exp.
     log_ratio_old = torch.where(mask, logp32 - old32, 0.0)
@@ -328,26 +422,45 @@ def scope_loss(
     w_stu = student_weights.detach().float()[:, None]
     w_tea = teacher_weights.detach().float()[:, None]
     student_teacher_log_ratio = torch.where(incorrect_tokens, logp32.detach() - teacher32, 0.0)
-    mle_tokens = torch.where(mask & correct[:, None], -w_stu * rho, 0.0)
-    opd_tokens = torch.where(incorrect_tokens, w_tea * rho * student_teacher_log_ratio, 0.0)
+    # Per-token advantages: +w_stu on the MLE path, -w_tea * sg(logp - logp_T) on the OPD path.
+    advantage = torch.where(correct[:, None], w_stu.expand_as(rho), -w_tea * student_teacher_log_ratio)
+    token_loss = _clipped_token_loss(rho, advantage, clip_epsilon, clip_epsilon_high, dual_clip)
+    clipped = mask & (token_loss.detach() != (-rho * advantage).detach())
+    if mle_surrogate == "logp":
+        # The authors' MLE path has no ratio, so nothing to clip there.
+        token_loss = torch.where(correct[:, None], -w_stu * torch.where(mask, logp32, 0.0), token_loss)
+        clipped = clipped & ~correct[:, None]
+    if token_weights is not None:
+        token_loss = token_loss * torch.where(mask, token_weights, 0.0)
+    mle_tokens = torch.where(correct_tokens, token_loss, 0.0)
+    opd_tokens = torch.where(incorrect_tokens, token_loss, 0.0)
+
+    if num_items is None:
+        denominators = loss_denominators(mask, correct, aggregation)
+    elif isinstance(num_items, (int, float)) or (torch.is_tensor(num_items) and num_items.numel() == 1):
+        denominators = torch.as_tensor(num_items, dtype=torch.float32, device=logp.device).reshape(1).expand(2)
+    else:
+        denominators = torch.as_tensor(num_items, dtype=torch.float32, device=logp.device).reshape(-1)
+        if denominators.numel() != 2:
+            raise ValueError(f"num_items must be a number or an (mle, opd) pair, got {num_items!r}")
+    denominators = denominators.to(logp.device, torch.float32)
+    if not torch.isfinite(denominators).all() or (denominators < 0).any():
+        raise ValueError(f"num_items must be finite and >= 0, got {denominators.tolist()}")
 
     tokens_per_row = mask.sum(dim=1)
-    nonempty_rows = tokens_per_row > 0
 
-    def aggregate(per_token: torch.Tensor) -> torch.Tensor:
+    def aggregate(per_token: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
         if aggregation == "sum":
             return per_token.sum()
-        if aggregation == "token-mean":
-            denom = num_items if num_items is not None else tokens_per_row.sum().clamp(min=1)
-            return per_token.sum() / denom
-        row = per_token.sum(dim=1)
         if aggregation == "seq-mean-token-mean":
-            row = row / tokens_per_row.clamp(min=1)
-        denom = num_items if num_items is not None else nonempty_rows.sum().clamp(min=1)
-        return row.sum() / denom
+            total = (per_token.sum(dim=1) / tokens_per_row.clamp(min=1)).sum()
+        else:
+            total = per_token.sum()
+        # An empty path has a zero sum and may have a zero denominator: it contributes exactly 0.
+        return torch.where(denominator > 0, total / denominator.clamp(min=torch.finfo(torch.float32).tiny), 0.0 * total)
 
-    loss_mle = aggregate(mle_tokens)
-    loss_opd = aggregate(opd_tokens)
+    loss_mle = aggregate(mle_tokens, denominators[0])
+    loss_opd = aggregate(opd_tokens, denominators[1])
     loss = loss_mle + loss_opd
 
     n_incorrect_tokens = incorrect_tokens.sum()
@@ -360,9 +473,10 @@ def scope_loss(
             student_teacher_log_ratio.sum() / n_incorrect_tokens,  # NaN when no incorrect token
             correct.float().mean(),
             torch.where(mask, rho.detach(), 0.0).sum() / n_tokens.clamp(min=1),
+            clipped.sum() / n_tokens.clamp(min=1),
             n_tokens.float(),
         ]
     ).tolist()
-    names = ("loss/mle", "loss/opd", "opd/log_ratio_mean", "frac_correct", "ratio/mean", "num_tokens")
+    names = ("loss/mle", "loss/opd", "opd/log_ratio_mean", "frac_correct", "ratio/mean", "clip/frac", "num_tokens")
     metrics = dict(zip(names, values))
     return loss, metrics
