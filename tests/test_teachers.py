@@ -109,7 +109,7 @@ def test_in_process_matches_full_vocab_log_softmax_on_ragged_rows(
 def test_every_logits_selection_path_gives_the_same_scores(teacher_model, ragged_rows, selection):
     """Boolean logits_to_keep (transformers >= 5), trailing int (older/remote models), full logits."""
     prompts, completions = ragged_rows
-    teacher = InProcessTeacher(teacher_model, batch_size=4)
+    teacher = InProcessTeacher(teacher_model, batch_size=4, fused=False)  # the logits path (the fused one: test_teacher_fused.py)
     assert teacher._logits_selection == "mask"  # what Qwen2 in transformers 5 supports
     teacher._logits_selection = selection
     assert_rows_close(teacher.score(prompts, completions), full_vocab_reference(teacher_model, prompts, completions), atol=1e-5)
@@ -170,7 +170,7 @@ def test_only_completion_positions_reach_the_lm_head(teacher_model, ragged_rows)
     projected = []
     hook = teacher_model.lm_head.register_forward_hook(lambda module, args, output: projected.append(output.shape[:-1].numel()))
     try:
-        InProcessTeacher(teacher_model, batch_size=8).score(prompts, completions)
+        InProcessTeacher(teacher_model, batch_size=8, fused=False).score(prompts, completions)  # the logits path
     finally:
         hook.remove()
     assert sum(projected) == sum(COMPLETION_LENGTHS)
@@ -302,7 +302,8 @@ def test_server_returns_the_in_process_logprobs(teacher_server, teacher_model, r
     expected = InProcessTeacher(teacher_model).score(prompts, completions)
     assert_rows_close(client.score(prompts, completions), expected, atol=1e-4)
     n_scored = sum(1 for c in completions if c)  # the empty completion is never sent
-    assert client.counters() == {"requests": math.ceil(n_scored / rows_per_request), "retries": 0, "failures": 0}
+    assert client.counters() == {"requests": math.ceil(n_scored / rows_per_request), "retries": 0, "failures": 0,
+                                 "nan_rows": 0}
 
 
 def test_server_speaks_vllm_prompt_logprobs_format(teacher_server):
@@ -372,7 +373,7 @@ def test_unreachable_server_raises_a_clear_error_quickly():
         client.score([[5, 6]], [[7]])
     assert time.monotonic() - start < 5
     assert info.value.url == f"{url}/v1/completions" and info.value.rows == [0]
-    assert client.counters() == {"requests": 3, "retries": 2, "failures": 1}
+    assert client.counters() == {"requests": 3, "retries": 2, "failures": 1, "nan_rows": 0}
 
 
 def test_serve_teacher_cli_with_api_key(tiny_pair_dir, teacher_model, ragged_rows, monkeypatch, tmp_path):
@@ -407,7 +408,8 @@ def test_serve_teacher_cli_with_api_key(tiny_pair_dir, teacher_model, ragged_row
         with pytest.raises(TeacherServerError, match="HTTP 401") as info:
             wrong.score([[5, 6]], [[7]])
         assert "wrong-key-456" not in str(info.value)
-        assert wrong.counters() == {"requests": 1, "retries": 0, "failures": 1}  # a refused key is not retried
+        # a refused key is not retried
+        assert wrong.counters() == {"requests": 1, "retries": 0, "failures": 1, "nan_rows": 0}
 
         monkeypatch.setenv("SCOPE_TEST_CLIENT_KEY", "s3rver-key-123")
         prompts, completions = ragged_rows
@@ -432,12 +434,22 @@ def test_server_refuses_to_start_open_when_its_key_variable_is_unset(tiny_pair_d
 class ScriptedServer:
     """A loopback HTTP server answering POSTs with queued (status, body) pairs; records what it got."""
 
-    def __init__(self, replies):
+    def __init__(self, replies, models_reply=(404, {"detail": "Not Found"})):
         self.replies = list(replies)
+        self.models_reply = models_reply  # the answer to GET /v1/models
         self.received = []
         scripted = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                scripted.received.append((self.path, dict(self.headers), None))
+                status, reply = scripted.models_reply
+                payload = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 scripted.received.append((self.path, dict(self.headers), json.loads(body)))
@@ -464,8 +476,8 @@ class ScriptedServer:
 def scripted():
     servers = []
 
-    def start(*replies):
-        servers.append(ScriptedServer(replies))
+    def start(*replies, models_reply=(404, {"detail": "Not Found"})):
+        servers.append(ScriptedServer(replies, models_reply))
         return servers[-1]
 
     yield start
@@ -524,7 +536,7 @@ def test_malformed_responses_are_retried_then_raise(scripted, bad_reply, reason,
         ),
     ):
         client.score([[5, 6]], [[7, 8]])
-    assert client.counters() == {"requests": 3, "retries": 2, "failures": 1}
+    assert client.counters() == {"requests": 3, "retries": 2, "failures": 1, "nan_rows": 0}
     assert "retrying" in caplog.text
 
 
@@ -534,9 +546,138 @@ def test_server_errors_are_retried_and_the_key_never_leaks(scripted, monkeypatch
     client = ServerTeacher(server.url, api_key_env="SCOPE_TEST_KEY", backoff_s=0.01)
     with caplog.at_level(logging.DEBUG):
         assert client.score([[5, 6]], [[7]])[0].tolist() == [-0.5]
-    assert client.counters() == {"requests": 2, "retries": 1, "failures": 0}
-    assert client.stats_delta() == {"requests": 2, "retries": 1, "failures": 0}
-    assert client.stats_delta() == {"requests": 0, "retries": 0, "failures": 0}  # per-step increments
+    assert client.counters() == {"requests": 2, "retries": 1, "failures": 0, "nan_rows": 0}
+    assert client.stats_delta() == {"requests": 2, "retries": 1, "failures": 0, "nan_rows": 0}
+    assert client.stats_delta() == {"requests": 0, "retries": 0, "failures": 0, "nan_rows": 0}  # per-step increments
     assert "HTTP 503" in caplog.text
     for text in (caplog.text, repr(client), str(client), str(vars(client))):
         assert "sk-never-print-me" not in text
+
+
+# -- what real vLLM does differently (tests/test_vllm_real.py shows each against the real server) -------------
+
+
+def vllm_error(message: str, status: int = 400) -> tuple[int, dict]:
+    """vLLM's error answer (``ErrorResponse``)."""
+    return status, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+
+
+VLLM_NAN_400 = vllm_error("Out of range float values are not JSON compliant: nan")
+
+
+def test_vllm_nan_refusal_is_split_row_by_row_and_only_the_nan_row_comes_back_all_nan(scripted, caplog):
+    """vLLM fails a whole request whose answer would hold a NaN; the client asks row by row to find it."""
+    rows = [[5, 6, 7], [5, 8, 9], [5, 6, 9]]
+    server = scripted(VLLM_NAN_400, (200, vllm_reply([rows[0]])), VLLM_NAN_400, (200, vllm_reply([rows[2]])))
+    client = ServerTeacher(server.url, rows_per_request=3)
+    with caplog.at_level(logging.WARNING):
+        scores = client.score([r[:1] for r in rows], [r[1:] for r in rows])
+    assert scores[0].tolist() == [-0.5, -0.5] and scores[2].tolist() == [-0.5, -0.5]
+    assert scores[1].shape == (2,) and scores[1].isnan().all()
+    assert [body["prompt"] for _, _, body in server.received] == [rows, rows[0], rows[1], rows[2]]
+    assert client.counters() == {"requests": 4, "retries": 0, "failures": 0, "nan_rows": 1}
+    assert "refused to send row 1's log-probs (they hold a NaN)" in caplog.text
+
+
+def test_vllm_nan_refusal_of_a_single_row_request_is_not_resent(scripted):
+    server = scripted(VLLM_NAN_400)
+    client = ServerTeacher(server.url)
+    assert client.score([[5]], [[6, 7, 8]])[0].isnan().all()
+    assert client.counters() == {"requests": 1, "retries": 0, "failures": 0, "nan_rows": 1}
+
+
+def test_other_http_400s_are_not_retried_or_split(scripted):
+    server = scripted(vllm_error("prompt_logprobs must be between 0 and 20"))
+    client = ServerTeacher(server.url, rows_per_request=2)
+    with pytest.raises(TeacherServerError, match=r"rejected the request for rows \[0, 1\]: HTTP 400: .*prompt_logprobs"):
+        client.score([[5], [5]], [[6], [7]])
+    assert client.counters() == {"requests": 1, "retries": 0, "failures": 1, "nan_rows": 0}
+
+
+def test_vllm_full_context_400_becomes_an_error_naming_the_row_and_its_length(scripted):
+    """vLLM's message for a sequence of exactly max_model_len tokens speaks of max_tokens, not of length."""
+    server = scripted(vllm_error("max_tokens must be at least 1, got 0."))
+    client = ServerTeacher(server.url, rows_per_request=2)
+    with pytest.raises(
+        TeacherServerError,
+        match=r"row 1 has 6 tokens \(prompt 2 \+ completion 4\), too long for the server's max_model_len: "
+        r"vLLM needs tokens \+ 1 <= max_model_len.*HTTP 400: .*max_tokens must be at least 1",
+    ):
+        client.score([[5], [5, 6]], [[7], [7, 8, 9, 10]])
+    assert client.counters()["requests"] == 1
+
+
+@pytest.mark.parametrize("mode_value", [2.25, 0.01])
+def test_logprobs_above_zero_are_refused_naming_the_logprobs_mode_flag(scripted, mode_value):
+    """--logprobs-mode raw_logits puts logits where log-probs belong; they must not be trained on."""
+    server = scripted((200, vllm_reply([[5, 6, 7, 8]], lambda position, token: mode_value if position == 3 else -8.0)))
+    client = ServerTeacher(server.url, max_retries=3)
+    with pytest.raises(TeacherServerError, match=rf"row 0 position 3: log-prob {mode_value} is above 0.*--logprobs-mode raw_logits"):
+        client.score([[5, 6]], [[7, 8]])
+    assert client.counters() == {"requests": 1, "retries": 0, "failures": 1, "nan_rows": 0}  # retrying cannot fix it
+
+
+def test_float_rounding_just_above_zero_is_still_a_logprob(scripted):
+    server = scripted((200, vllm_reply([[5, 6, 7]], lambda position, token: 2e-7)))
+    assert ServerTeacher(server.url).score([[5]], [[6, 7]])[0].tolist() == pytest.approx([2e-7, 2e-7])
+
+
+def test_rows_per_request_is_capped_at_vllms_1024_prompts():
+    assert ServerTeacher("http://127.0.0.1:1", rows_per_request=1024).rows_per_request == 1024
+    with pytest.raises(ValueError, match=r"rows_per_request=1025 is more than vLLM accepts in one request \(1024 prompts\)"):
+        ServerTeacher("http://127.0.0.1:1", rows_per_request=1025)
+
+
+def vllm_models(max_model_len, model_id="teacher"):
+    """vLLM's /v1/models answer (``ModelCard`` has max_model_len)."""
+    card = {"id": model_id, "object": "model", "owned_by": "vllm", "root": "/models/t", "max_model_len": max_model_len}
+    return 200, {"object": "list", "data": [card]}
+
+
+def test_context_length_check_passes_at_the_limit_and_then_refuses_longer_rows_before_sending(scripted, monkeypatch):
+    monkeypatch.setenv("SCOPE_TEST_KEY", "sk-models-key")
+    server = scripted((200, vllm_reply([[5, 6, 7]])), models_reply=vllm_models(8))
+    client = ServerTeacher(server.url, api_key_env="SCOPE_TEST_KEY")
+    assert client.check_context_length(5, max_prompt_length=2) == 8 and client.max_model_len == 8  # 2 + 5 + 1 = 8
+    path, headers, _ = server.received[0]
+    assert path == "/v1/models" and headers["Authorization"] == "Bearer sk-models-key"
+    assert client.score([[5]], [[6, 7]])[0].tolist() == [-0.5, -0.5]
+    with pytest.raises(TeacherServerError, match=r"row 1 has 8 tokens \(prompt 3 \+ completion 5\), too long for the "
+                       r"server's max_model_len 8"):
+        client.score([[5], [5, 6, 7]], [[6], [8, 9, 10, 11, 12]])
+    assert len(server.received) == 2  # the too-long batch was never sent
+
+
+@pytest.mark.parametrize(
+    "max_prompt_length, message",
+    [
+        (4, r"max_model_len 8, but scoring needs 10 tokens: max_prompt_length 4 \+ max_completion_length 5 \+ 1"),
+        (None, r"max_model_len 8, but scoring needs 8\b.*|"),
+    ],
+)
+def test_context_length_check_names_both_numbers(scripted, max_prompt_length, message):
+    server = scripted((200, {}), models_reply=vllm_models(8, "qwen-teacher"))
+    client = ServerTeacher(server.url, model="qwen-teacher")
+    if max_prompt_length is None:  # a 1-token prompt: 1 + 6 + 1 = 8 fits, 1 + 7 + 1 does not
+        assert client.check_context_length(6) == 8
+        with pytest.raises(ValueError, match=r"'qwen-teacher' with max_model_len 8, but scoring needs 9 tokens: a 1-token "
+                           r"prompt \(prompts are not truncated\) \+ max_completion_length 7 \+ 1.*--max-model-len 9"):
+            client.check_context_length(7)
+    else:
+        with pytest.raises(ValueError, match=message):
+            client.check_context_length(5, max_prompt_length=max_prompt_length)
+
+
+def test_context_length_check_on_a_server_without_a_model_card_warns_and_skips(scripted, caplog):
+    server = scripted((200, {}))  # GET /v1/models: 404
+    client = ServerTeacher(server.url)
+    with caplog.at_level(logging.WARNING):
+        assert client.check_context_length(10**6) is None
+    assert "the context-length check is skipped" in caplog.text and client.max_model_len is None
+    assert client.counters()["failures"] == 0
+
+
+def test_context_length_check_for_a_model_the_server_does_not_serve(scripted):
+    server = scripted((200, {}), models_reply=vllm_models(8, "qwen-teacher"))
+    with pytest.raises(ValueError, match=r"does not serve model 'other'; it serves \['qwen-teacher'\]"):
+        ServerTeacher(server.url, model="other").check_context_length(4)

@@ -1,22 +1,33 @@
 """Teacher scoring with a `transformers` model held in this process.
 
 One forward pass per chunk of rows, teacher-forced on ``prompt + completion``
-(right-padded), and for each completion token ``log p_T(token)`` computed as
-``logit[token] - logsumexp(logits)``. Memory is what shapes the code:
+(right-padded), and for each completion token ``log p_T(token)`` at the
+teacher's temperature. Memory is what shapes the code. Two paths:
 
-* Logits are only projected for the positions that predict a completion token:
-  a boolean ``logits_to_keep`` mask where the model supports it (models whose
-  module uses transformers' ``slice_logits_to_keep``: Qwen2/3, Llama, Mistral,
-  Gemma2... in transformers 5.24), else the trailing positions from the
-  shortest prompt on (``logits_to_keep=int``), else all of them.
-* The full ``[tokens, V]`` log-softmax is never formed: the logsumexp runs in
-  float32 over slices of ``logsumexp_chunk_size`` positions (upcasting bf16
-  logits one slice at a time), and the sampled token's logit is gathered.
+* **Fused** (the default for :meth:`InProcessTeacher.score`): TRL's
+  ``add_fused_lm_head`` (the kernel GRPOTrainer uses for the student and the
+  reference model). The backbone's hidden states go through the LM head in
+  tiles of ``4,096 tokens x 32,768 vocabulary entries`` with an online
+  logsumexp, so no ``[tokens, V]`` logits tensor ever exists. On CUDA/XPU
+  (Triton) only the completion positions are projected; elsewhere (CPU) TRL
+  projects every position of the chunk and masks the prompt ones, which costs
+  compute but not memory. TRL's head also handles the model families' logit
+  scales and soft-caps, FSDP2 DTensors and ZeRO-3 partitioned heads.
+* **Logits** (``fused=False``, models TRL cannot patch, and
+  :meth:`InProcessTeacher.score_tokens` with ranks or top-k, which TRL's
+  kernel does not compute and ``scope serve-teacher`` needs for vLLM's
+  ``prompt_logprobs`` format): logits are only projected for the positions
+  that predict a completion token (a boolean ``logits_to_keep`` mask where the
+  model supports it: models whose module uses transformers'
+  ``slice_logits_to_keep``, Qwen2/3, Llama, Mistral, Gemma2... in transformers
+  5.24; else the trailing positions from the shortest prompt on; else all of
+  them), then the logsumexp runs in float32 over slices of
+  ``logsumexp_chunk_size`` positions. Beyond the activations this holds
+  ``completion tokens in the chunk x V`` logits in the model's dtype (at most
+  ``max_tokens_per_batch x V``): 8 rows x 12,288 tokens x 152k in bf16 is
+  ~30 GB, which is why the trainer uses the fused path.
 
-Beyond the model's activations, one forward therefore holds the projected
-logits, ``completion tokens in the chunk x V`` in the model's dtype (at most
-``max_tokens_per_batch x V``; set it to bound long rollouts), plus one float32
-slice.
+``benchmarks/bench_teacher_memory.py`` measures both paths' peak memory side by side.
 
 Gradients are disabled with ``torch.no_grad()``, not ``torch.inference_mode()``:
 tensors created under inference mode can never be used by autograd or updated
@@ -82,6 +93,38 @@ def _logits_selection(model: torch.nn.Module) -> str:
     return "mask" if hasattr(module, "slice_logits_to_keep") else "trailing"
 
 
+# Set on a model once TRL's fused head is installed, so a second InProcessTeacher on the same model reuses it.
+_FUSED_TEMPERATURE_ATTR = "_scope_fused_lm_head_temperature"
+
+
+def _install_fused_head(model: torch.nn.Module, temperature: float) -> bool:
+    """Give ``model`` TRL's fused LM head at ``temperature``; ``False`` (and why, logged) where it cannot serve."""
+    inner = _unwrap(model)
+    if not (hasattr(inner, "get_output_embeddings") and hasattr(inner, "base_model") and hasattr(inner, "config")):
+        logger.info("%s is not a transformers causal LM; teacher scoring uses the logits path", type(inner).__name__)
+        return False
+    head = inner.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None or inner.base_model is inner:
+        logger.info("%s has no separate LM head; teacher scoring uses the logits path", type(inner).__name__)
+        return False
+    installed = getattr(inner, _FUSED_TEMPERATURE_ATTR, None)
+    if installed is not None:
+        if installed == temperature:
+            return True
+        # The temperature is baked into the patched forward; patching again would change the scores
+        # of the teacher that installed it, so this one takes the (exact, heavier) logits path.
+        logger.warning(
+            "%s already has a fused LM head at temperature %g; this teacher (temperature %g) uses the logits path",
+            type(inner).__name__, installed, temperature,
+        )
+        return False
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(inner, temperature=temperature)
+    setattr(inner, _FUSED_TEMPERATURE_ATTR, temperature)
+    return True
+
+
 class InProcessTeacher:
     """:class:`~scope_opd.teachers.TeacherScorer` over an already-loaded ``PreTrainedModel``.
 
@@ -105,6 +148,10 @@ class InProcessTeacher:
             forward count of any rank in each :meth:`score` call, padding with
             one-token forwards, as ``generate(synced_gpus=True)`` does. Every
             rank must then call :meth:`score` the same number of times.
+        fused: score with TRL's fused LM head (no ``[tokens, V]`` logits; see
+            the module docstring). It patches the model's ``forward`` once
+            (calls without ``fused_lm_head=True``, e.g. ``generate``, are
+            unchanged). Ignored where TRL's head cannot serve (logged).
 
     Rows are sorted by length before chunking, so a chunk holds rows of similar
     length and little padding.
@@ -120,6 +167,7 @@ class InProcessTeacher:
         logsumexp_chunk_size: int | None = None,
         temperature: float = 1.0,
         synced_ranks: bool = False,
+        fused: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,12 +192,14 @@ class InProcessTeacher:
         # Padding sits after every real token and is masked out, so any in-range id will do.
         self.pad_token_id = pad if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0
         self._logits_selection = _logits_selection(model)
+        self.fused = fused and _install_fused_head(model, self.temperature)
         model.eval()
 
     def __repr__(self) -> str:
         return (
             f"InProcessTeacher(model={type(_unwrap(self.model)).__name__}, batch_size={self.batch_size}, "
-            f"max_tokens_per_batch={self.max_tokens_per_batch}, device={str(self.device)!r}, temperature={self.temperature})"
+            f"max_tokens_per_batch={self.max_tokens_per_batch}, device={str(self.device)!r}, temperature={self.temperature}, "
+            f"fused={self.fused})"
         )
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
@@ -176,7 +226,8 @@ class InProcessTeacher:
 
         Ranks and top-k come out of the same float32 slices as the logsumexp,
         so they cost no extra forward (the server uses them for vLLM's
-        ``prompt_logprobs`` format).
+        ``prompt_logprobs`` format). They need the logits path; plain
+        log-probs take the fused one when it is installed.
         """
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -193,15 +244,20 @@ class InProcessTeacher:
                 scored_rows.append(row)
 
         self.model.eval()
+        fused = self.fused and top_k == 0 and not with_ranks
         chunks = self._chunks(scored_rows, prompt_ids, completion_ids)
         with torch.no_grad():
             for chunk in chunks:
                 rows = [(_as_ids(prompt_ids[i]), _as_ids(completion_ids[i])) for i in chunk]
-                for row, scores in zip(chunk, self._score_chunk(chunk, rows, top_k, with_ranks)):
+                for row, scores in zip(chunk, self._score_chunk(chunk, rows, top_k, with_ranks, fused)):
                     results[row] = scores
             if self.synced_ranks:
                 for _ in range(self._forwards_behind(len(chunks))):
-                    self.model(input_ids=torch.tensor([[self.pad_token_id]], device=self.device), use_cache=False)
+                    pad = torch.tensor([[self.pad_token_id]], device=self.device)
+                    if fused:  # the same collectives (ZeRO-3 head gather included) as the real forwards
+                        self.model(input_ids=pad, shift_labels=torch.full_like(pad, -100), fused_lm_head=True)
+                    else:
+                        self.model(input_ids=pad, use_cache=False)
         return results  # type: ignore[return-value]
 
     def _forwards_behind(self, own_forwards: int) -> int:
@@ -234,7 +290,7 @@ class InProcessTeacher:
         return chunks
 
     def _score_chunk(
-        self, row_numbers: list[int], rows: list[tuple[list[int], list[int]]], top_k: int, with_ranks: bool
+        self, row_numbers: list[int], rows: list[tuple[list[int], list[int]]], top_k: int, with_ranks: bool, fused: bool
     ) -> list[TokenScores]:
         """One forward over ``rows`` (right-padded), then scores of every completion token."""
         inputs = [prompt + completion[:-1] for prompt, completion in rows]
@@ -248,8 +304,11 @@ class InProcessTeacher:
         targets = torch.tensor([t for _, completion in rows for t in completion], dtype=torch.long)
         self._check_vocab_range(row_numbers, rows, input_ids, targets)
 
-        flat_logits, flat_index = self._completion_logits(input_ids, attention_mask, targets_at, rows)
-        logprobs, ranks, top_ids, top_logprobs = self._token_scores(flat_logits, flat_index, targets, top_k, with_ranks)
+        if fused:
+            logprobs, ranks, top_ids, top_logprobs = self._fused_logprobs(input_ids, attention_mask, targets_at, targets), None, None, None
+        else:
+            flat_logits, flat_index = self._completion_logits(input_ids, attention_mask, targets_at, rows)
+            logprobs, ranks, top_ids, top_logprobs = self._token_scores(flat_logits, flat_index, targets, top_k, with_ranks)
 
         out = []
         start = 0
@@ -278,6 +337,21 @@ class InProcessTeacher:
             bad = [t for t in prompt + completion if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"row {row} has token ids outside the teacher's vocabulary [0, {self.vocab_size}): {bad[:5]}")
+
+    def _fused_logprobs(self, input_ids, attention_mask, targets_at, targets) -> torch.Tensor:
+        """``[N]`` float32 CPU log-probs of the targets through TRL's fused head (no logits tensor)."""
+        # `shift_labels` are already aligned with the inputs (position p scores token p + 1), so TRL
+        # keeps every position's hidden state; -100 marks prompt and padding positions.
+        shift_labels = torch.full_like(input_ids, -100)
+        shift_labels[targets_at] = targets
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            shift_labels=shift_labels.to(self.device),
+            fused_lm_head=True,
+        )
+        # Row-major boolean indexing: the same order as `targets`.
+        return out.log_probs[targets_at.to(out.log_probs.device)].float().cpu()
 
     def _completion_logits(self, input_ids, attention_mask, targets_at, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the model; return ``(flat_logits [M, V], index [N] or None)`` with row ``index[n]`` predicting target ``n``."""
