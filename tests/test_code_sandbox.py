@@ -122,6 +122,103 @@ def test_output_comparison_rules():
 
 
 @pytest.mark.parametrize(
+    "actual, expected",
+    [
+        ("1000001\n", "1000000\n"),  # off by one
+        (f"{10**9 + 7 - 1000 + 500}\n", f"{10**9 + 7 - 1000}\n"),  # off by 500 near 10^9+7
+        ("123456889\n", "123456789\n"),  # off by 100
+        (f"{2**100 + 1}\n", f"{2**100}\n"),  # beyond float precision
+        ("3.0000001\n", "3\n"),  # an integer answer has no tolerance
+        ("1e6\n", "1000001\n"),
+        ("-1\n", "1\n"),
+        ("True\n", "1\n"),
+        ("nan\n", "1.5\n"),
+        ("inf\n", "1e308\n"),
+        ("NaN\n", "nan\n"),  # non-numeric words compare as strings, exactly
+        ("0.1\n", "0.2\n"),
+        ("1.000002\n", "1.0\n"),  # just outside the float tolerance
+    ],
+)
+def test_stdout_comparison_has_no_false_passes(actual, expected):
+    assert not stdout_matches(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "actual, expected",
+    [
+        (f"{10**30}\n", f"{10**30}\n"),
+        ("3.0\n", "3\n"),  # the same integer value, as LiveCodeBench's Decimal comparison accepts
+        ("-0\n", "0\n"),
+        ("-0.0\n", "0.0\n"),  # the same float value
+        ("0.3333333\n", "0.333333333\n"),  # within 1e-6 of a float answer
+        ("1.0000005\n", "1.0\n"),
+        ("nan\n", "nan\n"),
+        ("inf -inf\n", "inf -inf\n"),
+        ("1 2\n3\n", "1 2 3"),  # tokens, whatever the line breaks
+    ],
+)
+def test_stdout_comparison_accepts_equal_values(actual, expected):
+    assert stdout_matches(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "actual, expected",
+    [
+        (1, True),  # bool and int are different types
+        (0, [False]),
+        (True, 1),
+        ([1, 0], [True, False]),
+        (10**18 + 1, 10**18),
+        (3.0000001, 3),
+        (1.00001, 1.0),
+        (float("nan"), 1.0),
+        (float("inf"), 1e308),
+        ("1", 1),
+        (None, 0),
+        ({"a": 1}, {"a": True}),
+        ({"a": 1}, {"b": 1}),
+        ([1, 2], [1, 2, 3]),
+    ],
+)
+def test_returned_value_comparison_has_no_false_passes(actual, expected):
+    assert not returned_matches(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "actual, expected",
+    [
+        (True, True),
+        (True, [True]),  # TACO's one-element wrapping
+        (10**30, 10**30),
+        (3.0, 3),
+        (-0.0, 0.0),
+        (0.1 + 0.2, 0.3),
+        (float("nan"), float("nan")),
+        (float("-inf"), float("-inf")),
+        ([[1, 2], {"k": [None, "s"]}], [[1, 2], {"k": [None, "s"]}]),
+    ],
+)
+def test_returned_value_comparison_accepts_equal_values(actual, expected):
+    assert returned_matches(actual, expected)
+
+
+def test_function_returning_an_int_for_a_bool_problem_scores_zero():
+    gold = {"fn_name": "is_even", "inputs": [[2], [3]], "outputs": [[True], [False]]}
+    assert code_score(fenced("def is_even(n):\n    return 1 if n % 2 == 0 else 0"), gold, limits=FAST) == 0.0
+    assert code_score(fenced("def is_even(n):\n    return n % 2 == 0"), gold, limits=FAST) == 1.0
+
+
+def test_deeply_nested_values_compare_without_recursion_error():
+    deep_actual, deep_expected, deep_other = [], [], [1]
+    for _ in range(100_000):
+        deep_actual, deep_expected, deep_other = [deep_actual], [deep_expected], [deep_other]
+    assert returned_matches(deep_actual, deep_expected)
+    assert not returned_matches(deep_actual, deep_other)
+    with pytest.raises(InvalidGoldError, match="nested"):
+        parse_test_cases('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + ', "outputs": [1]}')
+
+
+@pytest.mark.parametrize(
     "gold, message",
     [
         ("{not json", "not valid JSON"),

@@ -7,11 +7,27 @@ Gold test cases follow the TACO / APPS convention, as a dict or its JSON text:
   (a top-level function, or a method of ``class Solution``). As in APPS, an
   expected output wrapped in a one-element list also accepts the bare value.
 
-Output comparison (done here, outside the sandbox): stdout matches when its
+Output comparison (done here, outside the sandbox). stdout matches when its
 lines equal the expected lines up to trailing whitespace and blank lines at
-either end, or else when the whitespace-separated tokens match one by one, with
-numeric tokens equal within 1e-6 (relative or absolute), as judges of
-floating-point answers do.
+either end, or else when the whitespace-separated tokens match one by one:
+
+* an expected **integer** token (``-12``) matches only a number of exactly that
+  value (``-12``, ``-12.0``), compared as decimals, so big integers and
+  off-by-one answers never pass;
+* an expected **float** token (``0.5``, ``1e-3``: a point or an exponent) matches
+  a number within 1e-6, absolute or relative, the usual judge tolerance for
+  floating-point answers;
+* any other token (``YES``, ``nan``, ``inf``) matches only the same string.
+
+This is LiveCodeBench's rule (lines first, then tokens as exact ``Decimal``
+values), with a float tolerance added only where the expected output is a
+float. TACO/APPS's harness instead tries ``np.allclose`` on any numeric line,
+which passes ``1000001`` for ``1000000``; we do not follow it there.
+
+A function's return value (through JSON) matches with the same rules, by type:
+bool and int differ (``1`` is not ``True``), an expected int needs a number of
+exactly that value, an expected float one within 1e-6 (NaN matches NaN), strings
+and None match exactly, lists and dicts element by element.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from .extract import last_python_block
 from .registry import InvalidGoldError
@@ -36,6 +53,7 @@ __all__ = [
 ]
 
 _NUMBER_TOKEN = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INTEGER_TOKEN = re.compile(r"[+-]?\d+")
 _FLOAT_TOLERANCE = 1e-6
 
 
@@ -61,6 +79,8 @@ def parse_test_cases(gold: object) -> TestCases:
             gold = json.loads(gold)
         except ValueError as error:
             raise InvalidGoldError(f"code test cases are not valid JSON: {error}") from error
+        except RecursionError as error:
+            raise InvalidGoldError("code test cases are JSON nested too deeply to parse") from error
     if not isinstance(gold, dict):
         raise InvalidGoldError(f"code test cases must be a dict or JSON object, got {type(gold).__name__}")
     inputs, outputs = gold.get("inputs"), gold.get("outputs")
@@ -82,12 +102,25 @@ def _as_text(expected: object) -> str:
     return str(expected)
 
 
+def _floats_close(actual: float, expected: float) -> bool:
+    if math.isnan(expected) or math.isnan(actual):
+        return math.isnan(expected) and math.isnan(actual)
+    return math.isclose(actual, expected, rel_tol=_FLOAT_TOLERANCE, abs_tol=_FLOAT_TOLERANCE)
+
+
 def _tokens_match(actual: str, expected: str) -> bool:
     if actual == expected:
         return True
-    if _NUMBER_TOKEN.fullmatch(actual) and _NUMBER_TOKEN.fullmatch(expected):
-        return math.isclose(float(actual), float(expected), rel_tol=_FLOAT_TOLERANCE, abs_tol=_FLOAT_TOLERANCE)
-    return False
+    if not (_NUMBER_TOKEN.fullmatch(actual) and _NUMBER_TOKEN.fullmatch(expected)):
+        return False
+    if _INTEGER_TOKEN.fullmatch(expected):
+        # Decimal, not float: exact at any size (float(10**17 + 1) == 10**17), and
+        # not int(), which refuses strings of over 4300 digits.
+        try:
+            return Decimal(actual) == Decimal(expected)
+        except InvalidOperation:  # an exponent beyond Decimal's range
+            return False
+    return _floats_close(float(actual), float(expected))
 
 
 def stdout_matches(actual: str, expected: object) -> bool:
@@ -101,12 +134,52 @@ def stdout_matches(actual: str, expected: object) -> bool:
     return len(actual_tokens) == len(expected_tokens) and all(map(_tokens_match, actual_tokens, expected_tokens))
 
 
+def _numbers_match(actual: object, expected: int | float) -> bool:
+    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
+        return False
+    if isinstance(expected, int):
+        return actual == expected  # exact, also between an int and a float (3.0 is 3)
+    try:
+        return _floats_close(float(actual), expected)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _values_match(actual: object, expected: object) -> bool:
+    """Type-aware equality of JSON values (see the module docstring), with an explicit
+    stack, so that values nested thousands of levels deep cannot raise RecursionError."""
+    pending = [(actual, expected)]
+    while pending:
+        actual, expected = pending.pop()
+        if isinstance(expected, bool) or isinstance(actual, bool):
+            # Checked first: bool is a subclass of int, and True == 1 in Python.
+            if not (isinstance(expected, bool) and isinstance(actual, bool) and actual == expected):
+                return False
+        elif isinstance(expected, (int, float)):
+            if not _numbers_match(actual, expected):
+                return False
+        elif isinstance(expected, list):
+            if not isinstance(actual, list) or len(actual) != len(expected):
+                return False
+            pending.extend(zip(actual, expected))
+        elif isinstance(expected, dict):
+            if not isinstance(actual, dict) or actual.keys() != expected.keys():
+                return False
+            pending.extend((actual[key], expected[key]) for key in expected)
+        elif expected is None:
+            if actual is not None:
+                return False
+        elif type(actual) is not type(expected) or actual != expected:
+            return False
+    return True
+
+
 def returned_matches(actual: object, expected: object) -> bool:
     """Whether a function's return value (through JSON, so tuples are lists) matches the expected output."""
-    if actual == expected:
+    if _values_match(actual, expected):
         return True
     # TACO/APPS store a call's expected return value wrapped in a one-element list.
-    return isinstance(expected, list) and len(expected) == 1 and actual == expected[0]
+    return isinstance(expected, list) and len(expected) == 1 and _values_match(actual, expected[0])
 
 
 def passed_tests(run: ProgramRun, cases: TestCases) -> list[bool]:
