@@ -269,7 +269,7 @@ def write_parquet(path: Path, columns: dict) -> str:
 @pytest.mark.parametrize(
     "columns, message",
     [
-        ({"question": ["Add 1+1.", "Add 2+2.", "Add 3+3."], "gold": ["2", None, "6"]}, r"row 1: missing field 'gold'"),
+        ({"question": ["Add 1+1.", "Add 2+2.", "Add 3+3."], "gold": ["2", None, "6"]}, r"row 1: field 'gold' is null"),
         ({"question": ["Add 1+1.", "Add 2+2."]}, r"row 0: missing field 'gold' \(fields present: 'question'\)"),
         ({"question": ["Add 1+1.", "Add 2+2."], "gold": [True, False]},
          r"row 0: field 'gold' must be a string, number"),

@@ -9,11 +9,13 @@ skipped or mis-scored example.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections.abc import Mapping
 
 from datasets import Dataset
 
-from .evaluation.benchmarks import _read_rows
+from .evaluation.benchmarks import read_rows, reject_non_finite
 
 
 def _check_prompt(value, where: str, prompt_field: str):
@@ -34,6 +36,7 @@ def _check_prompt(value, where: str, prompt_field: str):
 def _check_answer(value, where: str, answer_field: str) -> str:
     if isinstance(value, bool) or value is None:
         raise ValueError(f"{where}: field {answer_field!r} must be a string, number or test-case object, got {value!r}")
+    reject_non_finite(value, where, answer_field)
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)):
@@ -52,20 +55,134 @@ def load_prompt_dataset(
     answer_field: str = "answer",
 ) -> Dataset:
     """A ``Dataset`` with columns ``prompt`` and ``answer_field`` (TRL passes the latter to the verifier)."""
-    description, rows = _read_rows(source, split=split, hf_config=config)
+    description, rows = read_rows(source, split=split, hf_config=config)
     prompts, answers = [], []
     for where, row in rows:
         location = f"{description}: {where}"
         if not isinstance(row, Mapping):
             raise ValueError(f"{location}: expected an object with fields, got {type(row).__name__}")
-        missing = [f for f in (prompt_field, answer_field) if f not in row or row[f] is None]
+        missing = [f for f in (prompt_field, answer_field) if f not in row]
         if missing:
             raise ValueError(
                 f"{location}: missing field {', '.join(map(repr, missing))} "
                 f"(fields present: {', '.join(map(repr, row)) or 'none'}); set prompt_field / answer_field"
             )
+        null = [f for f in (prompt_field, answer_field) if row[f] is None]
+        if null:
+            raise ValueError(f"{location}: field {', '.join(map(repr, null))} is null")
         prompts.append(_check_prompt(row[prompt_field], location, prompt_field))
         answers.append(_check_answer(row[answer_field], location, answer_field))
     if not prompts:
         raise ValueError(f"{description}: no training rows (empty dataset)")
     return Dataset.from_dict({"prompt": prompts, answer_field: answers})
+
+
+# --- prompt length ----------------------------------------------------------------------------
+
+MAX_NAMED_ROWS = 20  # rows a warning lists by index; the count covers them all
+
+
+def _context_length(model, args) -> int | None:
+    """Positions the student can attend over: its config's ``max_position_embeddings`` (or the
+    older names), capped by ``vllm_max_model_length`` when vLLM generates."""
+    config = getattr(model, "config", None)
+    if config is None and isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model), trust_remote_code=getattr(args, "trust_remote_code", False))
+    config = getattr(config, "get_text_config", lambda: config)()
+    lengths = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    lengths = [n for n in lengths if isinstance(n, int) and n > 0][:1]
+    vllm_cap = getattr(args, "vllm_max_model_length", None)
+    if getattr(args, "use_vllm", False) and vllm_cap:
+        lengths.append(int(vllm_cap))
+    return min(lengths) if lengths else None
+
+
+def _prompt_token_counts(prompts: list, tokenizer, chat_template_kwargs: dict) -> list[int]:
+    # Tokenised exactly as TRL 1.16's GRPOTrainer._tokenize_prompts does for generation: plain text
+    # with the tokenizer's own special tokens, chat messages through the chat template with the
+    # generation prompt. TRL itself never truncates a prompt, so this count is what generation sees.
+    if prompts and isinstance(prompts[0], list):
+        ids = tokenizer.apply_chat_template(
+            conversation=prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **chat_template_kwargs
+        )["input_ids"]
+    else:
+        ids = tokenizer(text=prompts)["input_ids"]
+    return [len(row) for row in ids]
+
+
+def drop_overlong_prompts(dataset, *, model, processing_class, args, max_prompt_tokens: int | None = None):
+    """The training rows whose prompt fits, by one rule for ``scope train`` and ``SCOPETrainer``.
+
+    A prompt fits when its token count (as TRL tokenises it for generation, chat template
+    included) is at most ``limit = min(max_prompt_tokens, context - args.max_completion_length)``,
+    ``context`` being the student's maximum positions (:func:`_context_length`): then a
+    completion of the full allowed length still fits the model. Longer prompts are dropped
+    (generation would run past the model's positions, or try to allocate attention for a
+    million tokens) with one warning that counts them and names their rows (0-based rows of
+    ``dataset``). Nothing fitting, or no room left for any prompt, is a ``ValueError``.
+
+    ``model`` is a loaded model or a hub id / path (its config is read); ``processing_class``
+    the student's tokenizer (None: loaded from ``model``, as TRL does). ``dataset`` None is
+    returned as is; an ``IterableDataset`` is filtered lazily, warning per dropped row.
+    """
+    if dataset is None or "prompt" not in (getattr(dataset, "column_names", None) or ["prompt"]):
+        return dataset  # no prompts to measure: TRL reports the missing column itself
+    limits = {}
+    if max_prompt_tokens is not None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be positive, got {max_prompt_tokens}")
+        limits["max_prompt_tokens"] = max_prompt_tokens
+    context = _context_length(model, args)
+    completion = getattr(args, "max_completion_length", None) or 0
+    if context is not None:
+        if context - completion < 1:
+            raise ValueError(
+                f"max_completion_length={completion} leaves no room for a prompt in the student's "
+                f"{context} positions; lower max_completion_length"
+            )
+        limits[f"{context} positions - max_completion_length {completion}"] = context - completion
+    if not limits:
+        return dataset
+    rule, limit = min(limits.items(), key=lambda item: item[1])
+    tokenizer = processing_class
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        name = model if isinstance(model, (str, os.PathLike)) else model.config._name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(str(name), trust_remote_code=getattr(args, "trust_remote_code", False))
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    template_kwargs = getattr(args, "chat_template_kwargs", None) or {}
+
+    if not hasattr(dataset, "__len__"):  # IterableDataset: its size is unknown until iterated
+        def fits(row, index):
+            length = _prompt_token_counts([row["prompt"]], tokenizer, template_kwargs)[0]
+            if length > limit:
+                warnings.warn(f"training row {index}: prompt of {length} tokens > {limit} ({rule}); dropped",
+                              stacklevel=2)
+            return length <= limit
+
+        return dataset.filter(fits, with_indices=True)
+
+    lengths = dataset.map(
+        lambda batch: {"n": _prompt_token_counts(batch["prompt"], tokenizer, template_kwargs)},
+        batched=True, batch_size=256, remove_columns=dataset.column_names, desc="counting prompt tokens",
+    )["n"]
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if not over:
+        return dataset
+    if len(over) == len(lengths):
+        raise ValueError(
+            f"every one of the {len(lengths)} training prompts is longer than {limit} tokens ({rule}); "
+            f"the shortest has {min(lengths)}"
+        )
+    named = ", ".join(f"{i} ({lengths[i]} tokens)" for i in over[:MAX_NAMED_ROWS])
+    more = f" and {len(over) - MAX_NAMED_ROWS} more" if len(over) > MAX_NAMED_ROWS else ""
+    warnings.warn(
+        f"dropped {len(over)} of {len(lengths)} training prompts longer than {limit} tokens ({rule}): "
+        f"rows {named}{more}",
+        stacklevel=2,
+    )
+    drop = set(over)
+    return dataset.select([i for i in range(len(lengths)) if i not in drop])

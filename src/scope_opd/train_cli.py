@@ -34,7 +34,11 @@ class TrainScriptArguments:
         default="", metadata={"help": "Text appended to every prompt (e.g. the boxed-answer instruction)."}
     )
     max_prompt_tokens: int | None = field(
-        default=None, metadata={"help": "Drop training prompts longer than this many tokens (paper: 4096)."}
+        default=None,
+        metadata={
+            "help": "Drop training prompts longer than this many tokens (paper: 4096); prompts that leave less than "
+            "max_completion_length of the student's positions are always dropped (scope_opd.data.drop_overlong_prompts)."
+        },
     )
     toy_train_size: int = field(default=2000, metadata={"help": "Toy task: number of training problems."})
     toy_quick: bool = field(default=False, metadata={"help": "Toy task: use the small quick-build toy models."})
@@ -94,29 +98,6 @@ def format_prompts(dataset, instruction: str, chat_prompt: bool):
     return dataset.map(fmt, desc="formatting prompts")
 
 
-def drop_long_prompts(dataset, tokenizer, max_prompt_tokens: int | None):
-    """Filter out prompts longer than ``max_prompt_tokens`` (after the chat template), reporting how many."""
-    if max_prompt_tokens is None:
-        return dataset
-
-    def length(row):
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        else:
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return len(ids) <= max_prompt_tokens
-
-    kept = dataset.filter(length, desc=f"dropping prompts over {max_prompt_tokens} tokens")
-    dropped = len(dataset) - len(kept)
-    if dropped:
-        print(f"scope train: dropped {dropped} of {len(dataset)} prompts longer than {max_prompt_tokens} tokens")
-    if len(kept) == 0:
-        raise ValueError(f"every training prompt is longer than max_prompt_tokens={max_prompt_tokens}")
-    return kept
-
-
 def run_cli(argv: list[str], prog: str = "scope train") -> int:
     from trl import ModelConfig, TrlParser
 
@@ -139,7 +120,12 @@ def train(script_args, training_args, model_args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         student_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
-    train_dataset = drop_long_prompts(train_dataset, tokenizer, script_args.max_prompt_tokens)
+    from .data import drop_overlong_prompts
+
+    train_dataset = drop_overlong_prompts(
+        train_dataset, model=student_name, processing_class=tokenizer, args=training_args,
+        max_prompt_tokens=script_args.max_prompt_tokens,
+    )
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         student_name,

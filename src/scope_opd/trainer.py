@@ -224,6 +224,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             reward_funcs = [RewardFunction(
                 get_verifier(args.verifier), answer_field=args.answer_field, timeout_s=args.verifier_timeout
             )]
+        # --- prompt-length rule (scope_opd.data.drop_overlong_prompts, owned by data.py) ---
+        from .data import drop_overlong_prompts
+        train_dataset = drop_overlong_prompts(train_dataset, model=model, processing_class=processing_class, args=args)
+        # --- end prompt-length rule ---
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)

@@ -317,7 +317,7 @@ def run_recovery_analysis(
     ``timing_s`` and ``solutions`` (one record per analysed solution, with its
     continuations' verdicts). Rates are fractions in [0, 1].
     """
-    from ..evaluation.evaluate import _make_reward_function
+    from ..evaluation.evaluate import make_reward_function
 
     student_name = student_name or getattr(student.config, "_name_or_path", "") or "student"
     teacher_name = teacher_name or getattr(teacher.config, "_name_or_path", "") or "teacher"
@@ -333,7 +333,7 @@ def run_recovery_analysis(
         )
     timing: dict[str, float] = {}
     # Built first: an unusable verifier (no code sandbox) fails before any sampling.
-    reward = _make_reward_function(
+    reward = make_reward_function(
         problems.verifier,
         benchmark=problems.name,
         timeout_s=settings.verifier_timeout_s,

@@ -26,6 +26,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +50,7 @@ __all__ = [
     "load_problems",
     "normalize_math_answer",
     "normalize_olympiad_answer",
+    "read_rows",
     "registry_table",
 ]
 
@@ -134,6 +136,18 @@ def normalize_olympiad_answer(value) -> str:
         if isinstance(parsed, list) and parsed and all(isinstance(v, str) for v in parsed):
             value = parsed
     return normalize_math_answer(value)
+
+
+def reject_non_finite(value, where: str, field: str) -> None:
+    """A NaN or infinite gold (a float anywhere in it) is a broken row: ``float("nan")`` would become the gold "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: field {field!r} is {value!r}, not a usable gold answer")
+    if isinstance(value, Mapping):
+        for item in value.values():
+            reject_non_finite(item, where, field)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            reject_non_finite(item, where, field)
 
 
 def _identity(value):
@@ -286,29 +300,51 @@ def get_benchmark(name: str) -> BenchmarkSpec:
 # --- reading rows -----------------------------------------------------------------------------
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        # utf-8-sig on the first line: a byte-order mark some editors write is not part of the JSON.
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: line {lineno}: not UTF-8 (byte {raw[err.start:err.start + 1]!r} at column {err.start + 1}); "
+            "re-encode the file as UTF-8"
+        ) from err
+
+
 def _read_json_rows(path: Path) -> Iterable[tuple[str, Mapping]]:
+    """Rows of a JSON Lines file, streamed line by line, or of a JSON array (read whole).
+
+    Lines end at ``\n`` only: U+2028, U+0085 and the other characters ``str.splitlines``
+    also breaks on are valid inside JSON strings.
+    """
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
-    if path.name.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        for i, row in enumerate(rows):
-            yield f"row {i}", row
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
-        yield f"line {lineno}", row
+    with opener(path, "rb") as fh:
+        head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
+        if path.name.endswith(".json") and head.lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
+            data = fh.read()
+            try:
+                rows = json.loads(data.decode("utf-8-sig"))
+            except UnicodeDecodeError as err:
+                line = data.count(b"\n", 0, err.start) + 1
+                raise ValueError(f"{path}: line {line}: not UTF-8 (byte {data[err.start:err.start + 1]!r})") from err
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from err
+            for i, row in enumerate(rows):
+                yield f"row {i}", row
+            return
+        # Binary iteration splits on b"\n" only, one line in memory at a time.
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode_line(raw, path, lineno)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
+            yield f"line {lineno}", row
 
 
-def _read_rows(source: str, *, split: str = "test", hf_config: str | None = None) -> tuple[str, Iterable]:
+def read_rows(source: str, *, split: str = "test", hf_config: str | None = None) -> tuple[str, Iterable]:
     """(description, iterable of (location, row)) for a local file or a hub dataset id."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -367,13 +403,18 @@ def _rows_to_problems(
         if not isinstance(row, Mapping):
             raise ValueError(f"{description}: {where}: expected a JSON object, got {type(row).__name__}")
         needed = [prompt_field] + ([answer_field] if answer_field else [])
-        missing = [f for f in needed if f not in row or row[f] is None]
+        missing = [f for f in needed if f not in row]
         if missing:
             raise ValueError(
                 f"{description}: {where}: missing field {', '.join(map(repr, missing))} "
                 f"(fields present: {', '.join(map(repr, row)) or 'none'}); "
                 f"set --prompt-field/--answer-field if the file uses other names"
             )
+        null = [f for f in needed if row[f] is None]
+        if null:
+            raise ValueError(f"{description}: {where}: field {', '.join(map(repr, null))} is null")
+        if answer_field and not make_gold:
+            reject_non_finite(row[answer_field], f"{description}: {where}", answer_field)
         try:
             gold = make_gold(row) if make_gold else normalize(row[answer_field])
         except KeyError as err:
@@ -422,7 +463,7 @@ def load_benchmark(
     spec = get_benchmark(name)
     path = Path(file) if file is not None else _local_benchmark_file(spec)
     source = str(path) if path is not None else spec.hf_id
-    description, rows = _read_rows(source, split=spec.split, hf_config=spec.hf_config)
+    description, rows = read_rows(source, split=spec.split, hf_config=spec.hf_config)
     problems = _rows_to_problems(
         f"{spec.name} ({description})",
         rows,
@@ -460,7 +501,7 @@ def load_problems(
     is_math = verifier == "math"
     if instruction is None:
         instruction = MATH_INSTRUCTION if is_math else ""
-    description, rows = _read_rows(str(source), split=split)
+    description, rows = read_rows(str(source), split=split)
     problems = _rows_to_problems(
         description,
         rows,

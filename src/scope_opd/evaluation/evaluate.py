@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_model",
     "extract_answer",
     "load_model",
+    "make_reward_function",
 ]
 
 BACKENDS = ("transformers", "vllm")
@@ -98,7 +99,7 @@ def _load_vllm(name_or_path: str, *, dtype: str, seed: int):
     return LLM(model=name_or_path, dtype=dtype, seed=seed)
 
 
-def _make_reward_function(verifier, *, benchmark: str, timeout_s: float, max_workers: int):
+def make_reward_function(verifier, *, benchmark: str, timeout_s: float, max_workers: int):
     """A TRL-signature reward function for ``verifier``; fails before any sampling if it cannot exist."""
     from ..verifiers import RewardFunction
 
@@ -210,7 +211,7 @@ def evaluate_model(
 
     # Verifiers first: a missing sandbox should fail in a second, not after hours of sampling.
     rewards = {
-        s.name: _make_reward_function(
+        s.name: make_reward_function(
             s.verifier, benchmark=s.name, timeout_s=verifier_timeout_s, max_workers=verifier_workers
         )
         for s in sets
