@@ -648,24 +648,23 @@ def test_context_length_check_passes_at_the_limit_and_then_refuses_longer_rows_b
     assert len(server.received) == 2  # the too-long batch was never sent
 
 
-@pytest.mark.parametrize(
-    "max_prompt_length, message",
-    [
-        (4, r"max_model_len 8, but scoring needs 10 tokens: max_prompt_length 4 \+ max_completion_length 5 \+ 1"),
-        (None, r"max_model_len 8, but scoring needs 8\b.*|"),
-    ],
-)
-def test_context_length_check_names_both_numbers(scripted, max_prompt_length, message):
+def test_context_length_check_names_both_numbers(scripted):
     server = scripted((200, {}), models_reply=vllm_models(8, "qwen-teacher"))
     client = ServerTeacher(server.url, model="qwen-teacher")
-    if max_prompt_length is None:  # a 1-token prompt: 1 + 6 + 1 = 8 fits, 1 + 7 + 1 does not
-        assert client.check_context_length(6) == 8
-        with pytest.raises(ValueError, match=r"'qwen-teacher' with max_model_len 8, but scoring needs 9 tokens: a 1-token "
-                           r"prompt \(prompts are not truncated\) \+ max_completion_length 7 \+ 1.*--max-model-len 9"):
-            client.check_context_length(7)
-    else:
-        with pytest.raises(ValueError, match=message):
-            client.check_context_length(5, max_prompt_length=max_prompt_length)
+    with pytest.raises(ValueError, match=r"'qwen-teacher' with max_model_len 8, but scoring needs 10 tokens: "
+                       r"max_prompt_length 4 \+ max_completion_length 5 \+ 1 .*--max-model-len 10 or more"):
+        client.check_context_length(5, max_prompt_length=4)
+    assert client.max_model_len is None
+
+
+def test_context_length_check_without_a_prompt_limit_counts_a_one_token_prompt(scripted):
+    """TRL 1.16 does not truncate prompts: only the completion budget can be checked up front."""
+    server = scripted((200, {}), models_reply=vllm_models(8))
+    client = ServerTeacher(server.url)
+    assert client.check_context_length(6) == 8  # 1 + 6 + 1
+    with pytest.raises(ValueError, match=r"max_model_len 8, but scoring needs 9 tokens: a 1-token prompt \(prompts are "
+                       r"not truncated\) \+ max_completion_length 7 \+ 1"):
+        client.check_context_length(7)
 
 
 def test_context_length_check_on_a_server_without_a_model_card_warns_and_skips(scripted, caplog):

