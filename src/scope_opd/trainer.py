@@ -35,14 +35,21 @@ from .algorithms import (
     NORMALIZATIONS,
     STUDENT_WEIGHTINGS,
     TEACHER_WEIGHTINGS,
-    dual_path_weights,
-    opd_weights,
+    loss_denominators,
     scope_loss,
-    sequence_mean_logp,
 )
+from .batch import path_weights, row_statistics, teacher_rows, verdicts, weight_metrics
 from .checkpointing import AtomicCheckpointMixin
 
 ALGORITHMS = ("scope", "opd", "grpo", "kd")
+OFF_POLICY_CLIPS = ("none", "ppo", "authors")
+AGGREGATION_HELP = (
+    "How each path's summed token losses are normalised (counts over the whole generation batch, all processes): "
+    "'authors' (default; the authors' verl code): MLE path / masked tokens of correct rows + OPD path / all masked "
+    "tokens; 'path-token-mean': each path / its own path's masked tokens; 'token-mean': both paths / all masked "
+    "tokens; 'sum': plain token sums of what the optimiser step trains on (paper's equations); "
+    "'seq-mean-token-sum' / 'seq-mean-token-mean': per-row sums / means, averaged over non-empty rows."
+)
 
 
 @dataclass
@@ -87,12 +94,35 @@ class SCOPEConfig(GRPOConfig):
             "'perplexity' (reversed ablation), 'uniform' (ablation w/o teacher-guided weight)."
         },
     )
-    loss_aggregation: str = field(
-        default="token-mean",
-        metadata={"help": f"One of {AGGREGATIONS}; token-mean over the whole generation batch as the authors' code."},
-    )
+    loss_aggregation: str = field(default="authors", metadata={"help": AGGREGATION_HELP})
     correct_threshold: float = field(
-        default=1.0, metadata={"help": "A rollout is correct when its (weighted) reward is >= this."}
+        default=1.0, metadata={"help": "A rollout is correct when its verdict reward (see verdict_reward) is >= this."}
+    )
+    verdict_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name (among the trainer's reward_func_names) of the reward that decides correct/incorrect for "
+            "scope and opd; the other rewards are only logged (GRPO still sums them all, as TRL does). Default: the "
+            "only reward function (the built-in verifier when reward_funcs is not given); required with several."
+        },
+    )
+    off_policy_clip: str = field(
+        default="none",
+        metadata={
+            "help": "Ratio clipping for scope/opd when rollouts are reused (num_iterations > 1 or steps_per_generation "
+            "> gradient_accumulation_steps): 'none' (paper's surrogate, rho unclipped), 'ppo' (TRL's epsilon / "
+            "epsilon_high PPO clip on both paths), 'authors' (the authors' code: PPO clip epsilon with dual clip "
+            "`dual_clip` on the OPD path, MLE path -w*logp without ratio)."
+        },
+    )
+    dual_clip: float = field(default=3.0, metadata={"help": "Dual-clip constant (> 1) of off_policy_clip='authors'."})
+    student_logprob_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Temperature of the student's log-probs in the student-guided weights, the importance ratio and "
+            "the OPD log-ratio (scope/opd). None (default, as the authors' code and verl): the rollout temperature "
+            "(TRL's tempered logits). 1.0: the student's own distribution, like the teacher's (temperature 1)."
+        },
     )
     # Teacher
     teacher_model: str | None = field(default=None, metadata={"help": "Teacher hub id or local path (in-process)."})
@@ -144,6 +174,26 @@ class SCOPEConfig(GRPOConfig):
         default=None,
         metadata={"help": "Reference KL coefficient; default 1e-4 for grpo (paper), must be 0 for scope/opd."},
     )
+    # ---- overlap / rollout log-probs (scope_opd/teachers/overlap.py; checked at the first step)
+    rollout_chunk_groups: int = field(
+        default=0,
+        metadata={
+            "help": "Generate each generation batch in chunks of this many prompt groups (0: one call, TRL's way). "
+            "Chunks sample other tokens than one call (another RNG stream and padding) and generate in smaller batches."
+        },
+    )
+    teacher_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "scope/opd with rollout_chunk_groups >= 1: verify each chunk as soon as it is generated and score its "
+            "teacher rows in the background while the next chunks generate. Same weights and loss as without it, over "
+            "the same chunks. Off by default: chunking changes the samples and can slow generation more than it saves."
+        },
+    )
+    teacher_overlap_max_pending: int = field(
+        default=2, metadata={"help": "Chunks submitted to the teacher and not yet scored before generation waits."}
+    )
+    # ---- end overlap / rollout log-probs
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -153,6 +203,7 @@ class SCOPEConfig(GRPOConfig):
             ("student_weighting", self.student_weighting, STUDENT_WEIGHTINGS),
             ("teacher_weighting", self.teacher_weighting, TEACHER_WEIGHTINGS),
             ("loss_aggregation", self.loss_aggregation, AGGREGATIONS),
+            ("off_policy_clip", self.off_policy_clip, OFF_POLICY_CLIPS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -166,14 +217,58 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError("set either teacher_model (in-process) or teacher_server_url, not both")
         if self.teacher_server_url and self.teacher_temperature != 1.0:
             raise ValueError("teacher_temperature != 1 is only supported in-process; server prompt_logprobs are at temperature 1")
+        if not self.dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.student_logprob_temperature is not None and not (
+            self.student_logprob_temperature > 0 and math.isfinite(self.student_logprob_temperature)
+        ):
+            raise ValueError(f"student_logprob_temperature must be positive and finite, got {self.student_logprob_temperature}")
         # The paper's OPD uses one rollout per prompt; TRL's GRPOConfig refuses G < 2 because GRPO
-        # advantages need a group. OPD never looks at the group, so allow G = 1 for it.
+        # advantages need a group. OPD never looks at the group, so allow G = 1 for it - and check the
+        # batch divisibility TRL checks with G = 1, not with a stand-in value.
         single_rollout_opd = self.algorithm == "opd" and self.num_generations == 1
         if single_rollout_opd:
-            self.num_generations = 2
-        super().__post_init__()
-        if single_rollout_opd:
-            self.num_generations = 1
+            # Run TRL's checks with G = 2 on doubled batch sizes: "2x divisible by 2" is exactly "x divisible
+            # by 1", so every batch size valid for G = 1 passes and TRL's derived sizes halve back exactly.
+            doubled = ["per_device_train_batch_size", "per_device_eval_batch_size"]
+            if self.generation_batch_size is not None:
+                doubled.append("generation_batch_size")
+            eval_generations = self.num_generations_eval
+            self.num_generations, self.num_generations_eval = 2, (None if eval_generations in (None, 1) else eval_generations)
+            for name in doubled:
+                setattr(self, name, getattr(self, name) * 2)
+            try:
+                super().__post_init__()
+            finally:
+                for name in doubled:
+                    setattr(self, name, getattr(self, name) // 2)
+                if "generation_batch_size" not in doubled and self.generation_batch_size is not None:
+                    self.generation_batch_size //= 2  # derived by TRL from the doubled batch size
+                self.num_generations, self.num_generations_eval = 1, eval_generations
+        else:
+            super().__post_init__()
+        if self.algorithm in ("scope", "opd"):
+            off_policy = self.num_iterations > 1 or self.steps_per_generation > self.gradient_accumulation_steps
+            if off_policy and self.off_policy_clip == "none":
+                warnings.warn(
+                    f"algorithm={self.algorithm!r} reuses rollouts (num_iterations={self.num_iterations}, "
+                    f"steps_per_generation={self.steps_per_generation} > gradient_accumulation_steps="
+                    f"{self.gradient_accumulation_steps} counts as reuse too) with off_policy_clip='none': the importance "
+                    "ratio is unclipped (the paper's surrogate) and TRL's epsilon is not used; set off_policy_clip='ppo' "
+                    "or 'authors' to clip it",
+                    stacklevel=2,
+                )
+            if (
+                self.student_logprob_temperature is not None
+                and self.student_logprob_temperature != self.temperature
+                and self.use_vllm
+                and self.vllm_importance_sampling_correction
+            ):
+                raise ValueError(
+                    "student_logprob_temperature differs from the rollout temperature, but TRL's vLLM importance-sampling "
+                    "correction compares the sampler's tempered log-probs with the trainer's: set "
+                    "vllm_importance_sampling_correction=False or leave student_logprob_temperature unset"
+                )
 
 
 class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -233,8 +328,51 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         self._phase_seconds: dict[str, float] = defaultdict(float)
         self._last_rewards_per_func: torch.Tensor | None = None
         self.teacher = None
+        self.verdict_reward_index = self._resolve_verdict_reward()
         if args.algorithm in ("scope", "opd"):
+            self._set_student_logprob_temperature()
             self.teacher = self._build_teacher(teacher_model, teacher)
+
+    def _resolve_verdict_reward(self) -> int | None:
+        """Index of the reward that decides correct/incorrect (``args.verdict_reward``), for scope and opd.
+
+        A weighted sum of several rewards is no verdict: an accuracy reward plus a format reward would put
+        a wrong but well-formatted answer on the MLE path. So with several reward functions one must be named.
+        """
+        names = list(self.reward_func_names)
+        wanted = self.args.verdict_reward
+        if wanted is not None:
+            if wanted not in names:
+                raise ValueError(f"verdict_reward={wanted!r} is not one of the trainer's reward functions {names}")
+            return names.index(wanted)
+        if self.args.algorithm not in ("scope", "opd"):
+            return None  # GRPO uses TRL's weighted sum of all rewards
+        if len(names) > 1:
+            raise ValueError(
+                f"algorithm={self.args.algorithm!r} has {len(names)} reward functions {names}: set verdict_reward to "
+                "the one that decides correct/incorrect (the others are logged only)"
+            )
+        return 0
+
+    def _set_student_logprob_temperature(self):
+        """Re-patch TRL's fused LM head (log-probs without full logits) at ``student_logprob_temperature``.
+
+        TRL bakes ``args.temperature`` into the fused head at construction (``add_fused_lm_head``); the
+        rollouts keep sampling at the rollout temperature, since generation never uses the fused path.
+        """
+        temperature = self.args.student_logprob_temperature
+        if temperature is None or temperature == self.temperature:
+            return
+        from accelerate.utils import is_peft_model
+        from trl.trainer.utils import add_fused_lm_head
+
+        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        target = self.accelerator.unwrap_model(target)
+        if "forward" not in vars(target):
+            raise RuntimeError("TRL's fused LM head is not installed on the student (TRL internals changed?)")
+        del target.forward  # back to the class's forward, then the same head at the new temperature
+        add_fused_lm_head(target, temperature=temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+                          outputs=("log_probs", "entropy"))
 
     # ------------------------------------------------------------------ teacher set-up
 
@@ -277,7 +415,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             )
 
         if args.teacher_server_url:
-            return ServerTeacher(
+            server_teacher = ServerTeacher(
                 args.teacher_server_url,
                 model=args.teacher_server_model,
                 api_key_env=args.teacher_api_key_env,
@@ -285,6 +423,12 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                 max_retries=args.teacher_max_retries,
                 max_concurrency=args.teacher_max_concurrency,
             )
+            # --- teacher context-length check (ServerTeacher.check_context_length, owned by server_client.py) ---
+            # Fails now, naming both numbers, if the server's max_model_len cannot hold a prompt +
+            # max_completion_length + 1 (vLLM would refuse such rows mid-run); rows still too long fail when scored.
+            server_teacher.check_context_length(args.max_completion_length, getattr(args, "max_prompt_length", None))
+            # --- end teacher context-length check ---
+            return server_teacher
 
         if isinstance(teacher_model, PreTrainedModel):
             model = teacher_model
@@ -312,6 +456,76 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             synced_ranks=sharded and self.accelerator.num_processes > 1,
         )
 
+    # ---- overlap / rollout log-probs: chunked generation with teacher scoring overlapped (teachers/overlap.py)
+
+    _rollout_rows = None  # the dataset rows of the generation batch being generated (gold answers)
+    _teacher_prefetch = None  # TeacherPrefetch of the current generation batch
+    _chunk_rewards = None  # each chunk's verification, for TRL's reward pass to reuse
+
+    def _prepare_inputs(self, generation_batch):
+        self._rollout_rows = generation_batch if isinstance(generation_batch, list) else None
+        try:
+            return super()._prepare_inputs(generation_batch)
+        finally:
+            self._rollout_rows = None
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        rows, self._rollout_rows = self._rollout_rows, None  # a batch's first turn only (not tool follow-ups)
+        chunked = (
+            self.args.rollout_chunk_groups > 0 and self.model.training and rows is not None and len(rows) == len(prompt_ids)
+            and images is None and not multimodal_fields and not self.tools and self.rollout_func is None
+        )
+        if not chunked:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        self._check_overlap_config()
+        from .teachers.overlap import generate_in_chunks
+
+        if self._teacher_prefetch is not None:  # a batch whose teacher pass never ran (it raised, or had no rows)
+            self._teacher_prefetch.close()
+            self._teacher_prefetch = None
+        return generate_in_chunks(self, super()._generate_single_turn, prompt_ids, images, multimodal_fields,
+                                  num_generations, has_tool_images, rows)
+
+    def _check_overlap_config(self):
+        args = self.args
+        if args.rollout_chunk_groups < 0 or args.teacher_overlap_max_pending < 1:
+            raise ValueError(f"rollout_chunk_groups must be >= 0 and teacher_overlap_max_pending >= 1, got "
+                             f"{args.rollout_chunk_groups}, {args.teacher_overlap_max_pending}")
+        if args.teacher_overlap and self.teacher is None:
+            raise ValueError(f"teacher_overlap needs a teacher (algorithm 'scope' or 'opd'), got algorithm={args.algorithm!r}")
+        if args.teacher_overlap and getattr(self.teacher, "synced_ranks", False):
+            # Its forwards are collectives; run from a background thread they would interleave with the student's.
+            raise ValueError("teacher_overlap is not supported with a teacher sharded across ranks (ZeRO-3 / FSDP)")
+
+    def _rewards_from_chunks_or(self, calculate):
+        """TRL's reward pass, or the chunks' verification when it verified these same completions."""
+        if self._chunk_rewards is None:
+            return calculate
+
+        def reuse(inputs, prompts, completions, completion_ids_list):
+            from .teachers.overlap import cached_rewards
+
+            cached = cached_rewards(self, completions, completion_ids_list)
+            return cached if cached is not None else calculate(inputs, prompts, completions, completion_ids_list)
+
+        return reuse
+
+    def _teacher_scores(self, row_index, prompt_ids, completions):
+        """``teacher.score`` of these rows, from the overlapped prefetch where it scored the same ids."""
+        prefetch, self._teacher_prefetch = self._teacher_prefetch, None
+        if prefetch is None:
+            return self.teacher.score(prompt_ids, completions)
+        try:
+            return prefetch.scores(row_index, prompt_ids, completions)
+        finally:
+            prefetch.close()
+            metrics = self._metrics["train"]
+            metrics["timing/teacher_overlapped"].append(prefetch.busy_seconds)
+            metrics["scope/teacher_prefetched_rows"].append(float(prefetch.prefetched_rows))
+            metrics["scope/teacher_prefetch_missed_rows"].append(float(prefetch.missed_rows))
+
+    # ---- end overlap / rollout log-probs
+
     # ------------------------------------------------------------------ phase timings (paper Table 8)
 
     def _timed(self, phase: str, fn, *a, **kw):
@@ -325,7 +539,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         return self._timed("generation", super()._generate, prompts)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards = self._timed("reward", super()._calculate_rewards, inputs, prompts, completions, completion_ids_list)
+        rewards = self._timed("reward", self._rewards_from_chunks_or(super()._calculate_rewards), inputs, prompts,
+                              completions, completion_ids_list)
         # All processes' rewards, in global row order; SCOPE needs the raw verdicts, not GRPO advantages.
         self._last_rewards_per_func = rewards
         self._log_reward_counters()
@@ -404,7 +619,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         lengths = completion_mask.sum(dim=1).tolist()
         completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
         start = time.perf_counter()
-        scored = self.teacher.score(prompt_ids, completions)
+        scored = self._teacher_scores(row_index, prompt_ids, completions)
         self._phase_seconds["teacher"] += time.perf_counter() - start
         if len(scored) != len(row_index):
             raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
@@ -426,62 +641,44 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         local_batch = completion_mask.shape[0]
         process_slice = slice(self.accelerator.process_index * local_batch, (self.accelerator.process_index + 1) * local_batch)
 
-        # Verdicts of all processes (global row order), from the rewards TRL just computed.
-        rewards_per_func = self._last_rewards_per_func
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        # An unscorable rollout (every reward function returned None) counts as incorrect: the teacher
-        # signal on the OPD path does not depend on the verdict.
-        verdict = (rewards >= args.correct_threshold - 1e-6) & ~unscorable
+        # Verdicts of all processes (global row order), from the verdict reward TRL just computed
+        # (args.verdict_reward; the other rewards are only logged).
+        verdict_scores = self._last_rewards_per_func[:, self.verdict_reward_index]
+        unscorable = torch.isnan(verdict_scores)
+        verdict = verdicts(verdict_scores, args.correct_threshold, unscorable).to(device)
         self._metrics[mode]["scope/unscorable_rows"].append(unscorable.float().sum().item())
-        local_verdict = verdict[process_slice].to(device)
+        local_verdict = verdict[process_slice]
 
         # Only student-guided weights need the sampling policy's log-probs before the update; OPD and
         # the uniform-student ablation skip that extra forward unless TRL computed it anyway.
         needs_student_weights = args.algorithm == "scope" and args.student_weighting != "uniform"
         old_logps = self._old_per_token_logps(output) if needs_student_weights else output.get("old_per_token_logps")
         output_old = {} if old_logps is None else {"old_per_token_logps": old_logps}
-        student_mean = (
-            sequence_mean_logp(old_logps, completion_mask)
-            if old_logps is not None
-            else torch.full((local_batch,), float("nan"), device=device)
-        )
 
-        on_teacher_path = ~local_verdict if args.algorithm == "scope" else torch.ones_like(local_verdict)
+        on_teacher_path = teacher_rows(local_verdict, args.algorithm)
         teacher_logps = self._score_teacher(output, on_teacher_path)
-        teacher_mean = sequence_mean_logp(teacher_logps, completion_mask)
-        nonempty = completion_mask.any(dim=1)
-        # A teacher NaN/-inf on a response token of a row that needs it: drop that row (weight 0, no loss).
-        teacher_bad = on_teacher_path & nonempty & ~torch.isfinite(torch.where(completion_mask, teacher_logps, 0.0)).all(dim=1)
-        valid = nonempty & ~teacher_bad
+        rows = row_statistics(completion_mask, old_logps if needs_student_weights else None, teacher_logps, on_teacher_path)
+        valid = rows["valid"]
 
         gather = self.accelerator.gather
-        all_verdict, all_valid = verdict.to(device), gather(valid)  # verdicts are global already
-        all_student_mean, all_teacher_mean = gather(student_mean), gather(teacher_mean)
+        all_valid = gather(valid)
+        all_student_mean, all_teacher_mean = gather(rows["student_mean_logp"]), gather(rows["teacher_mean_logp"])
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        group_ids = torch.arange(all_verdict.shape[0], device=device) // num_generations
+        group_ids = torch.arange(verdict.shape[0], device=device) // num_generations
+        path_correct, student_weights, teacher_weights = path_weights(
+            group_ids, verdict, all_student_mean, all_teacher_mean, all_valid,
+            algorithm=args.algorithm, tau=args.tau, normalization=args.weight_normalization,
+            student_weighting=args.student_weighting, teacher_weighting=args.teacher_weighting,
+        )
 
-        if args.algorithm == "scope":
-            path_correct = all_verdict
-            student_weights, teacher_weights = dual_path_weights(
-                group_ids,
-                all_verdict,
-                all_student_mean,
-                all_teacher_mean,
-                tau=args.tau,
-                normalization=args.weight_normalization,
-                student_weighting=args.student_weighting,
-                teacher_weighting=args.teacher_weighting,
-                valid=all_valid,
-            )
-        else:  # opd: every valid rollout on the teacher path with weight 1
-            path_correct, student_weights, teacher_weights = opd_weights(all_verdict.shape[0], device=device)
-            teacher_weights = teacher_weights * all_valid
-
-        loss_mask = completion_mask & valid[:, None]
-        totals = gather(torch.stack([loss_mask.sum(), loss_mask.any(dim=1).sum()]).reshape(1, 2)).sum(dim=0)
-        self._log_generation_metrics(mode, group_ids, all_verdict, all_valid, all_student_mean, all_teacher_mean,
-                                     student_weights, teacher_weights, gather(teacher_bad))
+        loss_mask = rows["loss_mask"]
+        # The aggregation's (mle, opd) denominators over the whole generation batch, all processes.
+        num_items = gather(loss_denominators(loss_mask, path_correct[process_slice], args.loss_aggregation)[None]).sum(dim=0)
+        metrics = weight_metrics(group_ids, verdict, all_valid, all_student_mean, all_teacher_mean,
+                                 student_weights, teacher_weights, gather(rows["teacher_nonfinite"]))
+        for key, value in metrics.items():
+            self._metrics[mode][f"scope/{key}"].append(value)
+        self._log_teacher_counters(mode)
         return {
             **output_old,
             "scope_correct": path_correct[process_slice],
@@ -490,37 +687,23 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             # Unused entries (correct rows, dropped rows) are zero, never NaN, so the loss sees clean inputs.
             "teacher_per_token_logps": torch.where(loss_mask & on_teacher_path[:, None], teacher_logps, 0.0),
             "scope_loss_mask": loss_mask.long(),
-            "scope_num_tokens": totals[0].float(),
-            "scope_num_rows": totals[1].float(),
+            # 0-dim tensors: TRL shuffles and splits every tensor with a batch dimension.
+            "scope_num_items_mle": num_items[0].float(),
+            "scope_num_items_opd": num_items[1].float(),
         }
 
-    def _log_generation_metrics(self, mode, group_ids, verdict, valid, student_mean, teacher_mean,
-                                student_weights, teacher_weights, teacher_bad):
-        metrics = self._metrics[mode]
-        verdict_f = verdict.float()
-        num_groups = int(group_ids.max()) + 1
-        per_group = torch.zeros(num_groups, device=verdict.device).index_add_(0, group_ids, verdict_f)
-        size = torch.bincount(group_ids, minlength=num_groups).float()
-        metrics["scope/frac_correct"].append(verdict_f.mean().item())
-        metrics["scope/frac_all_correct_groups"].append((per_group == size).float().mean().item())
-        metrics["scope/frac_all_wrong_groups"].append((per_group == 0).float().mean().item())
-        metrics["scope/student_weight_max"].append(student_weights.max().item())
-        metrics["scope/teacher_weight_max"].append(teacher_weights.max().item())
-        metrics["scope/frac_invalid_rows"].append((~valid).float().mean().item())
-        metrics["scope/teacher_nonfinite_rows"].append(teacher_bad.float().sum().item())
-
-        def ppl_mean(values, rows):
-            rows = rows & torch.isfinite(values)
-            return torch.exp(-values[rows]).mean().item() if rows.any() else float("nan")
-
-        metrics["scope/student_ppl_correct"].append(ppl_mean(student_mean, verdict))
-        metrics["scope/student_ppl_incorrect"].append(ppl_mean(student_mean, ~verdict))
-        metrics["scope/teacher_ppl_correct"].append(ppl_mean(teacher_mean, verdict))
-        metrics["scope/teacher_ppl_incorrect"].append(ppl_mean(teacher_mean, ~verdict))
+    def _log_teacher_counters(self, mode):
+        """``teacher/*`` counters (requests, retries, failures, ...) summed over processes, like ``verifier/*``."""
         counters = getattr(self.teacher, "stats_delta", None)
-        if callable(counters):
-            for key, value in counters().items():
-                metrics[f"teacher/{key}"].append(float(value))
+        if not callable(counters):
+            return
+        delta = counters()
+        # Every process must join the reduction with the same keys, even one whose teacher did nothing.
+        keys = sorted(delta)
+        local = torch.tensor([[float(delta[k]) for k in keys]], dtype=torch.float32, device=self.accelerator.device)
+        totals = self.accelerator.gather(local).sum(dim=0).tolist() if keys else []
+        for key, value in zip(keys, totals):
+            self._metrics[mode][f"teacher/{key}"].append(value)
 
     # ------------------------------------------------------------------ step 6: the loss
 
@@ -555,16 +738,27 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
     def scope_loss_from_inputs(self, per_token_logps: torch.Tensor, inputs: dict, mode: str = "train"):
         """The exact call the trainer optimises: :func:`scope_loss` on one micro-batch.
 
-        The denominator is the whole generation batch's token (or row) count across processes,
-        rescaled to one accumulation window, so that summing micro-batch losses (gradient
-        accumulation) and averaging over processes (DDP) gives the loss of the whole batch.
+        The denominators are the whole generation batch's per-path counts across processes
+        (:func:`~scope_opd.algorithms.loss_denominators`), rescaled to one accumulation window, so that
+        summing micro-batch losses (gradient accumulation) and averaging over processes (DDP) gives the
+        loss of the whole batch. ``"sum"`` returns this micro-batch's plain token sum, times the number of
+        processes so that DDP's gradient average leaves the sum over processes: an optimiser step then
+        sees exactly the token sum of what it trains on.
         """
-        aggregation = self.args.loss_aggregation
+        args = self.args
+        aggregation = args.loss_aggregation
         num_processes = self.accelerator.num_processes
-        window = self.current_gradient_accumulation_steps / self.args.steps_per_generation if mode == "train" else 1.0
-        count = inputs["scope_num_tokens"] if aggregation == "token-mean" else inputs["scope_num_rows"]
-        num_items = count.clamp(min=1.0) / num_processes * window
+        # TRL splits one generation batch over steps_per_generation micro-steps, gradient_accumulation_steps
+        # of which make an optimiser step: each step gets its share of the batch's denominators (as TRL's DAPO).
+        window = self.current_gradient_accumulation_steps / args.steps_per_generation if mode == "train" else 1.0
+        num_items = torch.stack([inputs["scope_num_items_mle"], inputs["scope_num_items_opd"]]) / num_processes * window
         old = inputs.get("old_per_token_logps")
+        token_weights = None
+        if self.use_vllm and self.vllm_importance_sampling_correction and "importance_sampling_ratio" in inputs:
+            # TRL's correction for the sampler/trainer mismatch, applied as GRPO applies it.
+            token_weights = inputs["importance_sampling_ratio"].expand_as(per_token_logps)
+        clip = {"none": {}, "ppo": {"clip_epsilon": args.epsilon, "clip_epsilon_high": args.epsilon_high},
+                "authors": {"clip_epsilon": args.epsilon, "dual_clip": args.dual_clip, "mle_surrogate": "logp"}}
         loss, metrics = scope_loss(
             per_token_logps,
             per_token_logps.detach() if old is None else old,
@@ -575,7 +769,9 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             inputs["scope_teacher_weights"],
             aggregation=aggregation,
             num_items=None if aggregation == "sum" else num_items,
+            token_weights=token_weights,
+            **clip[args.off_policy_clip],
         )
         if aggregation == "sum":
-            loss = loss * num_processes / window
+            loss = loss * num_processes
         return loss, metrics
