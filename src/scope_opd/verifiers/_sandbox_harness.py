@@ -1,25 +1,35 @@
 """Runs one untrusted program on its test inputs, inside the sandbox.
 
-Copied into the sandbox's working directory and executed there by
-:mod:`scope_opd.verifiers.sandbox` (``python -I -B harness.py``); never imported
-by the package. It must run on whatever Python 3.8+ the sandbox uses, so it has
-no dependency beyond the standard library.
+Executed by :mod:`scope_opd.verifiers.sandbox` as ``python -I -B -c <this source>``
+(never imported by the package), so that no file of the package needs to be
+readable by the sandbox's uid. It must run on whatever Python 3.8+ the sandbox
+uses, so it has no dependency beyond the standard library.
 
-Files in the working directory (written by the parent before start):
-  job.json        {"fn_name": str|null, "n_tests": int, "time_per_test_s": float,
-                   "limits": {...}, "stop_at_first_error": bool}
-  solution.py     the program
-  stdin_<i>.txt   input of test i (stdin/stdout style)
-  args.json       list of argument lists, one per test (function-call style)
-Files it writes:
-  stdout_<i>.txt  what the program printed on test i
-  results.jsonl   one line per test run: {"test": i, "status": "ok"|"error"|"timeout",
-                  "error": str, "returned": JSON value (function-call style)}
+Two entry points:
 
-The program runs in this process, so it can tamper with this harness and its
-files; that is why the expected outputs never enter the sandbox. The parent
-compares outputs, so tampering can break the program's own run, or report
-outputs it could as well have printed, but cannot reveal what the right ones are.
+* ``contain <config JSON>``: started as root by ``unshare --mount --pid --net
+  --ipc --uts --fork`` (pid 1 of the new pid namespace). It builds the run's
+  private filesystem (:func:`_build_root`), joins the run's cgroup if it has
+  one, forks the harness child (which drops to the run's uid, then runs the
+  tests), and supervises it: the wall time, the memory of the whole process tree
+  (:func:`_supervise`), reaping. When pid 1 exits the kernel kills everything
+  left in the namespace, and the private mounts vanish with it.
+* no argument: the harness alone, already under the run's uid, in a work
+  directory made by the parent (hosts without namespaces).
+
+The job arrives on stdin as JSON: ``{"source", "inputs", "fn_name", "limits",
+"stop_at_first_error"}`` (inputs are stdin texts, or argument lists in function
+call style). Results go to stdout (a pipe to the parent), one JSON line per
+record: ``{"test": i, "status": "ok"|"error"|"timeout", "error": str,
+"stdout": str | "returned": value}``, ``{"test": -1, ...}`` for a compile error,
+``{"supervisor": "wall_time"|"memory", "error": str}`` when pid 1 stopped the
+run, ``{"setup_error": str}`` when the sandbox could not be built.
+
+The program runs in the harness process, so it can tamper with the harness and
+write to the results pipe; that is why the expected outputs never enter the
+sandbox. The parent compares outputs and takes the last record of each test:
+tampering can break the program's own run, or report outputs it could as well
+have printed, but cannot reveal what the right ones are.
 """
 
 import builtins
@@ -29,9 +39,12 @@ import os
 import resource
 import signal
 import socket
+import stat
 import sys
+import time
 
 MAX_ERROR_CHARS = 500
+MIB = 1024 * 1024
 
 
 class _TestTimeLimit(BaseException):
@@ -44,8 +57,7 @@ def _on_alarm(signum, frame):
 
 def _set_limits(limits):
     """Kernel limits on this process and everything it starts. Lowering is always allowed; raising back is not."""
-    mib = 1024 * 1024
-    cpu_s, memory, file_size = int(limits["cpu_time_s"]), int(limits["memory_mb"] * mib), int(limits["max_file_mb"] * mib)
+    cpu_s, memory, file_size = int(limits["cpu_time_s"]), int(limits["memory_mb"] * MIB), int(limits["max_file_mb"] * MIB)
     processes, open_files = int(limits["max_processes"]), int(limits["max_open_files"])
     wanted = [
         (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),  # SIGXCPU, then SIGKILL
@@ -87,6 +99,11 @@ def _describe(error):
     return text[:MAX_ERROR_CHARS]
 
 
+def _write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def _run_timed(action, seconds):
     """(status, error, value) of ``action()`` under a per-test wall-clock alarm."""
     signal.signal(signal.SIGALRM, _on_alarm)
@@ -113,11 +130,38 @@ def _redirect(fd, path, flags):
     os.close(new_fd)
 
 
-def _stdio_test(code, index, seconds, workdir):
+def _read_own_stdout(path, max_bytes):
+    """What the program printed, or None when it is gone, not a regular file, or over ``max_bytes``.
+
+    Checked because the program may have swapped the file: a FIFO would block
+    the harness until the wall time, a sparse file would cost its apparent size.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return None
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(MIB, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return None if size > max_bytes else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _stdio_test(code, index, seconds, budget):
     # Real file descriptors, not StringIO, so open(0), sys.stdin.buffer and
     # os.write(1, ...) all work as they would in a judge.
-    _redirect(0, os.path.join(workdir, "stdin_%d.txt" % index), os.O_RDONLY)
-    _redirect(1, os.path.join(workdir, "stdout_%d.txt" % index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    stdout_path = os.path.join(WORKDIR, "stdout_%d.txt" % index)
+    _redirect(0, os.path.join(WORKDIR, "stdin_%d.txt" % index), os.O_RDONLY)
+    _redirect(1, stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
     sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
     namespace = {"__name__": "__main__", "__builtins__": builtins}
@@ -127,7 +171,19 @@ def _stdio_test(code, index, seconds, workdir):
     except BaseException as flush_error:  # output over the file-size limit, or a closed stdout
         if status == "ok":
             status, error = "error", _describe(flush_error)
-    return {"test": index, "status": status, "error": error}
+    record = {"test": index, "status": status, "error": error}
+    if status == "ok":
+        raw = _read_own_stdout(stdout_path, budget.remaining())
+        if raw is None:
+            record.update(status="error", error="stdout missing, not a regular file, or over the size limit "
+                          "(%d MiB output budget)" % budget.total_mib)
+        else:
+            record["stdout"] = raw.decode("utf-8", errors="replace")
+    try:
+        os.unlink(stdout_path)  # its bytes count against the run's private tmpfs
+    except OSError:
+        pass
+    return record
 
 
 def _call_test(code, fn_name, args, index, seconds):
@@ -148,16 +204,27 @@ def _call_test(code, fn_name, args, index, seconds):
     if status == "ok":
         try:
             record["returned"] = json.loads(json.dumps(returned))
-        except Exception as json_error:  # not JSON, too deep, or too large for the memory limit
+        except BaseException as json_error:  # not JSON, too deep (RecursionError), or too large for the memory limit
             record.update(status="error", error="return value is not JSON: %s" % _describe(json_error))
     return record
 
 
-def _die_with_parent():
-    """SIGKILL this process when the parent that started it dies, so a killed verifier leaves no sandbox behind.
+class _Budget:
+    """The run's output budget, as seen from inside (the parent enforces it again on what it reads)."""
 
-    Set here, after the uid change (which clears it), not by the parent.
-    """
+    def __init__(self, total_bytes):
+        self.total_mib = total_bytes // MIB
+        self.left = total_bytes
+
+    def remaining(self):
+        return max(0, self.left)
+
+    def spend(self, size):
+        self.left -= size
+
+
+def _die_with_parent():
+    """SIGKILL this process when the process that started it dies (set after the uid change, which clears it)."""
     try:
         import ctypes
 
@@ -167,14 +234,29 @@ def _die_with_parent():
         pass
 
 
-def main():
-    # Absolute paths: the program may chdir.
-    workdir = os.getcwd()
-    with open(os.path.join(workdir, "job.json"), encoding="utf-8") as job_file:
-        job = json.load(job_file)
-    seconds = job["time_per_test_s"]
+def _stdin_text(test_input):
+    if isinstance(test_input, list):
+        return "\n".join(str(line) for line in test_input) + "\n"
+    return str(test_input)
+
+
+WORKDIR = "."
+
+
+def run_tests(job):
+    """The harness proper: under the run's uid, in its work directory; results go to stdout."""
+    global WORKDIR
+    WORKDIR = os.getcwd()  # absolute: the program may chdir
+    results_fd = os.dup(1)  # fd 1 itself becomes each test's stdout file
+    limits = job["limits"]
+    inputs = job["inputs"]
+    if job["fn_name"] is None:
+        # Before the limits: inputs are trusted data and may exceed the file-size limit.
+        for index, test_input in enumerate(inputs):
+            with open(os.path.join(WORKDIR, "stdin_%d.txt" % index), "w", encoding="utf-8", errors="replace") as f:
+                f.write(_stdin_text(test_input))
     _die_with_parent()
-    _set_limits(job["limits"])
+    _set_limits(limits)
     # Refuse rather than run unbounded: the kernel never applies RLIMIT_NPROC to uid 0.
     if os.geteuid() == 0:
         raise SystemExit("sandbox harness refuses to run user code as root")
@@ -183,32 +265,235 @@ def main():
     _block_network()
     sys.dont_write_bytecode = True
     harness_pid = os.getpid()
-    results = open(os.path.join(workdir, "results.jsonl"), "a", encoding="utf-8")
-    args_per_test = None
-    if job["fn_name"] is not None:
-        with open(os.path.join(workdir, "args.json"), encoding="utf-8") as args_file:
-            args_per_test = json.load(args_file)
+    budget = _Budget(int(limits["output_budget_mb"] * MIB))
     try:
-        with open(os.path.join(workdir, "solution.py"), encoding="utf-8") as source:
-            code = compile(source.read(), "solution.py", "exec")
+        code = compile(job["source"], "solution.py", "exec")
     except BaseException as error:
-        results.write(json.dumps({"test": -1, "status": "error", "error": _describe(error)}) + "\n")
+        _write_all(results_fd, (json.dumps({"test": -1, "status": "error", "error": _describe(error)}) + "\n").encode())
         return
-    for index in range(job["n_tests"]):
-        if args_per_test is None:
-            record = _stdio_test(code, index, seconds, workdir)
+    job = {"fn_name": job["fn_name"], "stop": job["stop_at_first_error"], "seconds": limits["time_per_test_s"]}
+    for index, test_input in enumerate(inputs):
+        if job["fn_name"] is None:
+            record = _stdio_test(code, index, job["seconds"], budget)
         else:
-            record = _call_test(code, job["fn_name"], args_per_test[index], index, seconds)
+            record = _call_test(code, job["fn_name"], test_input, index, job["seconds"])
         if os.getpid() != harness_pid:
             os._exit(0)  # a fork made by the program returned into the harness: it has no say
         try:
-            results.write(json.dumps(record) + "\n")
-            results.flush()
+            line = (json.dumps(record) + "\n").encode("utf-8", errors="replace")
+            budget.spend(len(line))
+            _write_all(results_fd, line)
         except BaseException:
             return
-        if job["stop_at_first_error"] and record["status"] != "ok":
+        if job["stop"] and record["status"] != "ok":
             return
+
+
+def _read_job():
+    with io.open(0, "rb", closefd=False) as stdin:
+        job = json.loads(stdin.read().decode("utf-8"))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return job
+
+
+def _plain_main():
+    """Hosts without namespaces: already under the run's uid, in the parent's work directory."""
+    run_tests(_read_job())
+
+
+# ------------------------------------------------------------------ contain mode (pid 1, root)
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+# pivot_root has no glibc wrapper; without a known number we fall back to chroot.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+# /dev entries a Python program may need; device numbers come from the host's nodes by bind mount.
+DEVICES = ("null", "zero", "full", "random", "urandom")
+WRITABLE_DIRS = ("tmp", "var/tmp", "dev/shm", "run/lock")
+
+
+class _SetupError(Exception):
+    pass
+
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(libc, ctypes, source, target, fstype, flags, data=None):
+    encode = lambda text: None if text is None else text.encode()  # noqa: E731
+    if libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data)) != 0:
+        error = ctypes.get_errno()
+        raise _SetupError("mount %s on %s: %s" % (source or fstype, target, os.strerror(error)))
+
+
+def _bind_read_only(libc, ctypes, host_path, target):
+    _mount(libc, ctypes, host_path, target, None, MS_BIND | MS_REC)
+    # A bind mount takes the source's flags; read-only and nosuid need a remount.
+    _mount(libc, ctypes, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _build_root(config, uid):
+    """The run's filesystem: one size-capped tmpfs as the root, holding the only writable
+    places (/work, /tmp, /var/tmp, /dev/shm, /run/lock), read-only binds of what the
+    interpreter needs, a few device nodes, and a /proc of this pid namespace only."""
+    ctypes, libc = _libc()
+    _mount(libc, ctypes, None, "/", None, MS_REC | MS_PRIVATE)
+    if config.get("cgroup"):
+        try:
+            with open(os.path.join(config["cgroup"], "cgroup.procs"), "w") as procs:
+                procs.write("0")  # this process; its children inherit the cgroup
+        except OSError as error:
+            raise _SetupError("cannot join cgroup %s: %s" % (config["cgroup"], error))
+    root = config["root"]
+    _mount(libc, ctypes, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV,
+           "size=%d,nr_inodes=%d,mode=755" % (config["tmpfs_bytes"], config["tmpfs_inodes"]))
+    for directory in ("proc", "dev", "etc", "work") + WRITABLE_DIRS:
+        os.makedirs(os.path.join(root, directory), exist_ok=True)
+    for directory in WRITABLE_DIRS:
+        os.chmod(os.path.join(root, directory), 0o1777)
+    os.chmod(os.path.join(root, "work"), 0o700)
+    os.chown(os.path.join(root, "work"), uid, uid)
+    for host_path in config["binds"]:
+        target = root + host_path
+        if os.path.islink(host_path):  # /bin -> usr/bin on merged-/usr systems
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.readlink(host_path), target)
+        elif os.path.isdir(host_path):
+            os.makedirs(target, exist_ok=True)
+            _bind_read_only(libc, ctypes, host_path, target)
+        elif os.path.isfile(host_path):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+            _bind_read_only(libc, ctypes, host_path, target)
+    for device in DEVICES:
+        target = os.path.join(root, "dev", device)
+        open(target, "w").close()
+        _mount(libc, ctypes, "/dev/" + device, target, None, MS_BIND)
+    for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                       ("stderr", "/proc/self/fd/2")):
+        os.symlink(link, os.path.join(root, "dev", name))
+    os.chdir(root)
+    number = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is not None and libc.syscall(number, b".", b".") == 0:
+        # The old root now sits on top of the new one; detach it and nothing of the host is reachable.
+        if libc.umount2(b".", MNT_DETACH) != 0:
+            raise _SetupError("cannot detach the host's root: %s" % os.strerror(ctypes.get_errno()))
+    elif libc.chroot(b".") != 0:  # the program is never root, so it cannot leave a chroot
+        raise _SetupError("neither pivot_root nor chroot worked: %s" % os.strerror(ctypes.get_errno()))
+    os.chdir("/")
+    _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return ctypes, libc
+
+
+def _drop_to(uid, ctypes, libc):
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise _SetupError("PR_SET_NO_NEW_PRIVS failed")
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _tree_memory_bytes(page_size):
+    """Resident anonymous memory of every process in this pid namespace but pid 1 (statm: resident - shared).
+
+    Pages that fork shares copy-on-write count once per process: an over-estimate, never an under-estimate.
+    """
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open("/proc/%s/statm" % name, "rb") as statm:
+                fields = statm.read().split()
+            total += (int(fields[1]) - int(fields[2])) * page_size
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+    return total
+
+
+def _supervise(child, config, started):
+    """Wait for the harness child; end the run at the wall time or when the tree's memory is over the limit.
+
+    Returns None when the child exited, else the supervisor record to report.
+    """
+    import select
+
+    deadline = started + config["wall_time_s"]
+    memory_limit = None if config.get("cgroup") else config["memory_bytes"]
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    poller = None
+    try:
+        pidfd = os.pidfd_open(child)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3: plain sleeps
+        pass
+    while True:
+        while True:  # reap: the child, and orphans of the program, which are reparented to us
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == 0:
+                break
+            if pid == child:
+                return None
+        now = time.monotonic()
+        if now >= deadline:
+            return {"supervisor": "wall_time", "error": "killed after %g s wall time" % config["wall_time_s"]}
+        if memory_limit is not None:
+            used = _tree_memory_bytes(page_size)
+            if used > memory_limit:
+                return {"supervisor": "memory", "error": "killed: the process tree used %d MiB, over the %d MiB "
+                        "memory limit" % (used // MIB, memory_limit // MIB)}
+        wait_s = min(config["sample_s"], deadline - now)
+        if poller is not None:
+            poller.poll(max(1, int(wait_s * 1000)))
+        else:
+            time.sleep(wait_s)
+
+
+def _contain_main(config):
+    started = time.monotonic()
+    uid = int(config["uid"])
+    results_fd = 1
+    try:
+        job = _read_job()
+        ctypes, libc = _build_root(config, uid)
+    except (_SetupError, OSError, ValueError) as error:
+        _write_all(results_fd, (json.dumps({"setup_error": _describe(error)}) + "\n").encode())
+        os._exit(3)
+    child = os.fork()
+    if child == 0:
+        try:
+            _drop_to(uid, ctypes, libc)
+            os.chdir("/work")
+            os.environ.update(HOME="/work", TMPDIR="/tmp")
+            run_tests(job)
+        except BaseException as error:
+            try:
+                _write_all(2, ("harness: %s\n" % _describe(error)).encode())
+            except BaseException:
+                pass
+        os._exit(0)
+    record = _supervise(child, config, started)
+    if record is not None:
+        os.kill(-1, signal.SIGKILL)  # from pid 1: every other process of the namespace
+        # A leading newline ends any line the killed harness left half-written.
+        _write_all(results_fd, ("\n" + json.dumps(record) + "\n").encode())
+    os._exit(0)  # pid 1 exits: the kernel kills what is left and the private mounts go with it
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) >= 3 and sys.argv[1] == "contain":
+        _contain_main(json.loads(sys.argv[2]))
+    else:
+        _plain_main()

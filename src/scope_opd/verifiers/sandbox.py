@@ -61,9 +61,12 @@ The expected outputs never enter the sandbox; the caller compares outputs
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import stat
@@ -71,10 +74,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 __all__ = [
     "ProgramRun",
@@ -86,12 +90,13 @@ __all__ = [
     "run_programs",
 ]
 
-_HARNESS_SOURCE_PATH = Path(__file__).with_name("_sandbox_harness.py")
+_HARNESS_SOURCE = Path(__file__).with_name("_sandbox_harness.py").read_text(encoding="utf-8")
 # 0x70000000 upwards: above the 0x00080000-0x6FFFFFFF container range of
-# systemd's UID allocation and far from login users; 2^24 uids makes two
-# concurrent runs sharing one vanishingly rare.
+# systemd's UID allocation and far from login users. Each run leases one of
+# _UID_SLOTS uids by flock, so concurrent runs (threads or worker processes)
+# never share one.
 _RANDOM_UID_BASE = 0x70000000
-_RANDOM_UID_COUNT = 1 << 24
+_UID_SLOTS = 4096
 _NOBODY_UID = 65534
 _MINIMAL_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -103,6 +108,17 @@ _MINIMAL_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 _STDERR_TAIL_CHARS = 2000
+_MIB = 1024 * 1024
+# Record framing (JSON keys, escapes) on top of the output itself.
+_BUDGET_SLACK_BYTES = 64 * 1024
+# How often pid 1 sums the memory of the process tree when there is no cgroup.
+_MEMORY_SAMPLE_S = 0.01
+# The parent's own wall clock in contained runs, after pid 1's (which normally ends the run).
+_CONTAINED_GRACE_S = 2.0
+# Directories anyone may write to on a host without a mount namespace, cleaned of the run's files afterwards.
+_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# What the interpreter needs, bound read-only into a contained run (missing ones are skipped).
+_SYSTEM_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/localtime")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -113,13 +129,24 @@ class SandboxUnavailable(RuntimeError):
 class SandboxLimits:
     """Resource limits of one sandboxed run (all tests of one program)."""
 
-    wall_time_s: float = 8.0  # whole run, interpreter start-up included; then the process group is killed
+    wall_time_s: float = 8.0  # whole run, interpreter start-up included; then the whole run is killed
     time_per_test_s: float = 4.0  # wall-clock alarm around each test case
-    cpu_time_s: int = 8  # RLIMIT_CPU, whole run
-    memory_mb: int = 1024  # RLIMIT_AS (address space, MiB)
-    max_processes: int = 16  # RLIMIT_NPROC: processes and threads of the sandbox uid
+    cpu_time_s: int = 8  # RLIMIT_CPU, per process
+    # RLIMIT_AS per process, and the memory of the whole process tree (cgroup
+    # memory.max, else the resident memory pid 1 samples every 10 ms).
+    memory_mb: int = 1024
+    max_processes: int = 16  # RLIMIT_NPROC of the run's own uid: processes and threads of the whole tree
     max_file_mb: int = 32  # RLIMIT_FSIZE (MiB): any one file, captured stdout of a test included
     max_open_files: int = 64  # RLIMIT_NOFILE
+    # Everything the run writes (its private tmpfs: work dir, /tmp, /var/tmp,
+    # /dev/shm, /run/lock) and everything read back from it (stdout of every
+    # test, return values, stderr), in MiB.
+    output_budget_mb: int = 64
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -142,6 +169,11 @@ class ProgramRun:
     compile_error: str | None
     timed_out: bool  # the run hit wall_time_s and was killed
     stderr_tail: str
+    # Why the run was cut short: "wall_time", "memory" or "output_budget"; None when it ended by itself.
+    killed_for: str | None = None
+    # Result lines that could not be parsed (written by the program, or nested
+    # too deeply): ignored, so their tests score 0.
+    malformed_records: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,27 +181,31 @@ class _Isolation:
     """How this host starts a sandboxed interpreter; chosen once per process by probing."""
 
     python: str
-    namespaces: bool  # unshare --net --pid
-    privilege_drop: str | None  # "setpriv", "popen" (Popen(user=)), or None when not root
+    namespaces: bool  # network and pid namespaces at least
+    # "harness" (root: unshare adds mount, ipc and uts namespaces, and the harness
+    # builds the run's private filesystem, then drops to the run's uid itself),
+    # "setpriv", "popen" (Popen(user=)), or None when not root.
+    privilege_drop: str | None
     random_uids: bool  # False: everyone shares uid 65534
 
-    def pick_uid(self) -> int | None:
-        if self.privilege_drop is None:
-            return None
-        return _RANDOM_UID_BASE + secrets.randbelow(_RANDOM_UID_COUNT) if self.random_uids else _NOBODY_UID
+    @property
+    def contained(self) -> bool:
+        return self.privilege_drop == "harness"
 
-    def command(self, uid: int | None, program: Sequence[str], wall_time_s: float | None = None) -> list[str]:
+    def command(self, uid: int | None, wall_time_s: float, config: dict | None = None) -> list[str]:
         command: list[str] = []
         timeout = shutil.which("timeout")
-        if wall_time_s is not None and timeout:
-            # A second wall clock, outside the sandbox, for when the parent that
-            # should kill the run is itself killed (a verifier timeout): SIGKILL
+        if timeout:
+            # A last wall clock, outside the sandbox, for when the parent that
+            # should end the run is itself killed (a verifier timeout): SIGKILL
             # reaches unshare, whose --kill-child takes the namespace down.
-            command += [timeout, "--signal=KILL", f"{wall_time_s + 2:g}s"]
+            command += [timeout, "--signal=KILL", f"{wall_time_s + _CONTAINED_GRACE_S + 1:g}s"]
         if self.namespaces:
             command += [shutil.which("unshare") or "unshare"]
             if os.geteuid() != 0:
                 command += ["--user"]
+            if self.contained:
+                command += ["--mount", "--ipc", "--uts"]
             command += ["--net", "--pid", "--fork", "--kill-child"]
         if self.privilege_drop == "setpriv":
             command += [
@@ -181,7 +217,10 @@ class _Isolation:
                 "--pdeathsig=KILL",
                 "--",
             ]
-        return command + [self.python, "-I", "-B", *program]
+        command += [self.python, "-I", "-B", "-c", _HARNESS_SOURCE]
+        if config is not None:
+            command += ["contain", json.dumps(config)]
+        return command
 
     def popen_kwargs(self, uid: int | None) -> dict:
         if self.privilege_drop == "popen":
@@ -190,19 +229,20 @@ class _Isolation:
 
     def describe(self) -> str:
         layers = [f"python={self.python}"]
-        layers.append("network+pid namespaces" if self.namespaces else "no namespaces")
+        if self.contained:
+            layers.append("mount+pid+net+ipc+uts namespaces (private read-only root, private tmpfs, private /proc)")
+            cgroup = _cgroup_base()
+            layers.append(f"cgroup v2 {cgroup}" if cgroup else "no cgroup v2: tree memory sampled by pid 1")
+        else:
+            layers.append("network+pid namespaces" if self.namespaces else "no namespaces")
         if self.privilege_drop is None:
             layers.append(f"runs as the current user (uid {os.geteuid()})")
         else:
-            who = "a fresh random uid per run" if self.random_uids else f"uid {_NOBODY_UID}"
+            who = "its own leased uid per run" if self.random_uids else f"uid {_NOBODY_UID}"
             layers.append(f"runs as {who} via {self.privilege_drop}")
         return ", ".join(layers)
 
 
-_PROBE_SOURCE = (
-    "import ctypes, io, json, os, resource, signal, socket, sys; "
-    "sys.exit(3 if os.geteuid() == 0 and {must_drop} else 0)"
-)
 _isolation_lock = threading.Lock()
 _isolation_cache: _Isolation | None = None
 _isolation_failure: str | None = None  # also cached: probing again on every program would cost ~0.3 s each
@@ -246,6 +286,8 @@ def _candidate_isolations() -> Iterable[_Isolation]:
         if not _runnable_by_others(python):
             continue
         for random_uids in (True, False):
+            if has_unshare:
+                yield _Isolation(python, namespaces=True, privilege_drop="harness", random_uids=random_uids)
             if has_unshare and has_setpriv:
                 yield _Isolation(python, namespaces=True, privilege_drop="setpriv", random_uids=random_uids)
             if has_setpriv:
@@ -253,27 +295,22 @@ def _candidate_isolations() -> Iterable[_Isolation]:
             yield _Isolation(python, namespaces=False, privilege_drop="popen", random_uids=random_uids)
 
 
+_PROBE_LIMITS = dict(wall_time_s=10.0, time_per_test_s=5.0, cpu_time_s=5, memory_mb=512, max_file_mb=1, output_budget_mb=1)
+
+
 def _works(isolation: _Isolation) -> bool:
-    uid = isolation.pick_uid()
-    probe = _PROBE_SOURCE.format(must_drop=isolation.privilege_drop is not None)
+    """Whether a real run under ``isolation`` gives the right answer, under a uid that is not root."""
+    probe = "import ctypes, json, os, resource, signal, socket\nprint(os.geteuid() != 0, input())"
     try:
-        completed = subprocess.run(
-            isolation.command(uid, ["-c", probe]),
-            cwd="/",
-            env=_MINIMAL_ENV,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=30,
-            **isolation.popen_kwargs(uid),
-        )
-    except (OSError, subprocess.SubprocessError):
+        run = _execute(isolation, probe, ["probe\n"], None, SandboxLimits(**_PROBE_LIMITS), False)
+    except (OSError, subprocess.SubprocessError, SandboxUnavailable):
         return False
-    return completed.returncode == 0
+    must_drop = isolation.privilege_drop is not None
+    return run.tests[0].status == "ok" and run.tests[0].stdout == f"{must_drop or os.geteuid() != 0} probe\n"
 
 
 def _isolation() -> _Isolation:
-    """The strongest isolation that works here (probed once per process, ~50 ms)."""
+    """The strongest isolation that works here (probed once per process, ~0.1 s per candidate)."""
     global _isolation_cache, _isolation_failure
     with _isolation_lock:
         if _isolation_cache is None and _isolation_failure is None:
@@ -296,61 +333,154 @@ def describe_isolation() -> str:
     return _isolation().describe()
 
 
-def _read_untrusted_file(path: Path, max_bytes: int) -> bytes | None:
-    """Bytes of a file the sandboxed program could have tampered with, or None.
+# ------------------------------------------------------------------ host state shared by runs
 
-    None for a missing file, anything but a regular file (a FIFO would block this
-    root process forever), a symlink (it could point anywhere), or more than
-    ``max_bytes``.
+
+_state_lock = threading.Lock()
+_state_dir_cache: Path | None = None
+
+
+def _state_dir() -> Path:
+    """Root-only directory holding the uid lease files and the contained runs' root mount point.
+
+    /run is RAM and per boot; created once, checked each time (an attacker-made
+    symlink or foreign owner is refused).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    global _state_dir_cache
+    with _state_lock:
+        if _state_dir_cache is None:
+            base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+            path = base / f"scope-sandbox-{os.geteuid()}"
+            path.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+                raise SandboxUnavailable(f"{path} is not a private directory of uid {os.geteuid()}; remove it")
+            (path / "root").mkdir(mode=0o755, exist_ok=True)
+            _state_dir_cache = path
+        return _state_dir_cache
+
+
+@contextlib.contextmanager
+def _uid_lease(isolation: _Isolation) -> Iterator[int | None]:
+    """The uid a run uses, held for the whole run: with random uids, one no other run
+    (thread or process) holds, by an exclusive flock on its lease file."""
+    if isolation.privilege_drop is None:
+        yield None
+        return
+    if not isolation.random_uids:
+        yield _NOBODY_UID
+        return
+    lease_dir = _state_dir() / "uids"
+    lease_dir.mkdir(mode=0o700, exist_ok=True)
+    first = secrets.randbelow(_UID_SLOTS)
+    for step in range(_UID_SLOTS):
+        slot = (first + step) % _UID_SLOTS
+        fd = os.open(lease_dir / str(slot), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield _RANDOM_UID_BASE + slot
+        finally:
+            os.close(fd)  # releases the lease
+        return
+    raise SandboxUnavailable(f"all {_UID_SLOTS} sandbox uids are in use")
+
+
+_binds_cache: dict[str, list[str]] = {}
+
+
+def _binds(python: str) -> list[str]:
+    """Host paths a contained run sees read-only: the system's and the interpreter's own prefix."""
+    with _state_lock:
+        if python not in _binds_cache:
+            completed = subprocess.run(
+                [python, "-I", "-S", "-c", "import sys; print(sys.base_prefix); print(sys.base_exec_prefix)"],
+                capture_output=True, text=True, timeout=30, check=True, env=_MINIMAL_ENV,
+            )
+            wanted = [*_SYSTEM_BINDS, *completed.stdout.split(), os.path.dirname(os.path.realpath(python))]
+            binds: list[str] = []
+            for path in wanted:
+                covered = any(path == bound or path.startswith(bound.rstrip("/") + "/") for bound in binds)
+                if path.startswith("/") and path != "/" and os.path.lexists(path) and not covered:
+                    binds.append(path)
+            _binds_cache[python] = binds
+        return _binds_cache[python]
+
+
+# ------------------------------------------------------------------ cgroup v2 (untested on hosts without it)
+
+_cgroup_lock = threading.Lock()
+_cgroup_probed = False
+_cgroup_base_cache: Path | None = None
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_base() -> Path | None:
+    """``/sys/fs/cgroup/scope-sandbox`` with the memory and pids controllers, or None where cgroup v2
+    is not mounted there or cannot be delegated to us (then pid 1 samples the tree's memory)."""
+    global _cgroup_probed, _cgroup_base_cache
+    with _cgroup_lock:
+        if not _cgroup_probed:
+            _cgroup_probed = True
+            try:
+                mounts = Path("/proc/self/mounts").read_text().splitlines()
+                if os.geteuid() == 0 and any(line.split()[1:3] == [str(_CGROUP_ROOT), "cgroup2"] for line in mounts):
+                    base = _CGROUP_ROOT / "scope-sandbox"
+                    base.mkdir(exist_ok=True)
+                    for parent in (_CGROUP_ROOT, base):
+                        (parent / "cgroup.subtree_control").write_text("+memory +pids")
+                    if {"memory", "pids"} <= set((base / "cgroup.subtree_control").read_text().split()):
+                        _cgroup_base_cache = base
+            except (OSError, IndexError):
+                _cgroup_base_cache = None
+        return _cgroup_base_cache
+
+
+def _make_cgroup(uid: int, limits: SandboxLimits, tmpfs_bytes: int) -> Path | None:
+    base = _cgroup_base()
+    if base is None:
         return None
+    path = base / f"run-{uid}"
+    _remove_cgroup(path)  # left by a killed verifier
+    path.mkdir()
+    # tmpfs pages are charged to the cgroup of the writer: the budget goes on top.
+    (path / "memory.max").write_text(str(limits.memory_mb * _MIB + tmpfs_bytes))
+    if (path / "memory.swap.max").exists():
+        (path / "memory.swap.max").write_text("0")
+    (path / "pids.max").write_text(str(limits.max_processes + 2))  # + pid 1 and the harness
+    return path
+
+
+def _cgroup_oom_killed(path: Path) -> bool:
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, size = [], 0
-        while size <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return None if size > max_bytes else b"".join(chunks)
-    finally:
-        os.close(fd)
+        events = dict(line.split() for line in (path / "memory.events").read_text().splitlines())
+        return int(events.get("oom_kill", 0)) > 0
+    except (OSError, ValueError):
+        return False
 
 
-def _stdin_text(test_input: object) -> str:
-    if isinstance(test_input, list):
-        return "\n".join(str(line) for line in test_input) + "\n"
-    return str(test_input)
+def _remove_cgroup(path: Path) -> None:
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        (path / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # EBUSY while its processes die
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
-def _write_job(
-    workdir: Path,
-    source: str,
-    test_inputs: Sequence,
-    fn_name: str | None,
-    limits: SandboxLimits,
-    stop_at_first_error: bool,
-) -> None:
-    job = {
-        "fn_name": fn_name,
-        "n_tests": len(test_inputs),
-        "time_per_test_s": limits.time_per_test_s,
-        "limits": asdict(limits),
-        "stop_at_first_error": stop_at_first_error,
-    }
-    (workdir / "job.json").write_text(json.dumps(job), encoding="utf-8")
-    (workdir / "solution.py").write_text(source, encoding="utf-8", errors="replace")
-    shutil.copyfile(_HARNESS_SOURCE_PATH, workdir / "harness.py")
-    if fn_name is None:
-        for index, test_input in enumerate(test_inputs):
-            (workdir / f"stdin_{index}.txt").write_text(_stdin_text(test_input), encoding="utf-8", errors="replace")
-    else:
-        (workdir / "args.json").write_text(json.dumps(list(test_inputs)), encoding="utf-8")
+# ------------------------------------------------------------------ one run
 
 
 def _kill_process_group(pgid: int) -> None:
@@ -360,8 +490,21 @@ def _kill_process_group(pgid: int) -> None:
         pass
 
 
+def _processes_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    pids.append(int(entry.name))
+            except OSError:  # exited meanwhile
+                continue
+    return pids
+
+
 def _kill_processes_of_uid(isolation: _Isolation, uid: int) -> None:
-    """SIGKILL every process of ``uid`` (kill(-1) run as that uid): leftovers that left the process group."""
+    """SIGKILL every process of ``uid`` (kill(-1) run as that uid), then wait until none is left,
+    so that the uid's next lease starts with RLIMIT_NPROC's count at zero."""
     subprocess.run(
         [isolation.python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
         env=_MINIMAL_ENV,
@@ -374,80 +517,287 @@ def _kill_processes_of_uid(isolation: _Isolation, uid: int) -> None:
         extra_groups=[],
         check=False,
     )
+    _wait_until_uid_has_no_processes(uid)
 
 
-def _run_harness(isolation: _Isolation, uid: int | None, workdir: Path, stderr_path: Path, wall_time_s: float) -> bool:
-    """Runs the harness in ``workdir`` to completion or to the wall-time kill; True when killed."""
-    with open(stderr_path, "wb") as stderr_file:
-        process = subprocess.Popen(
-            isolation.command(uid, [str(workdir / "harness.py")], wall_time_s),
-            cwd=workdir,
-            env={**_MINIMAL_ENV, "HOME": str(workdir), "TMPDIR": str(workdir)},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr_file,
-            start_new_session=True,  # its own process group, killed as a whole
-            close_fds=True,
-            **isolation.popen_kwargs(uid),
-        )
-    timed_out = False
+def _wait_until_uid_has_no_processes(uid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _processes_of_uid(uid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of sandbox uid {uid} still alive {timeout_s:g} s after the kill")
+        time.sleep(0.01)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a directory tree the program made, however deep, without recursion or following symlinks.
+
+    Every subdirectory is first moved up into the top directory, so no directory
+    is ever opened more than one level below it: a tree thousands of levels deep
+    costs neither Python recursion (shutil.rmtree's RecursionError) nor path
+    lengths beyond PATH_MAX. Only for trees whose writers are all dead.
+    """
     try:
-        process.wait(timeout=wall_time_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        os.unlink(path)
+        return
+    moved = 0
+    try:
+        pending: list[str | None] = [None]  # None: the top directory itself
+        while pending:
+            name = pending.pop()
+            fd = top if name is None else os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+            try:
+                with os.scandir(fd) as entries:
+                    children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+                for child, is_dir in children:
+                    if not is_dir:
+                        os.unlink(child, dir_fd=fd)
+                    elif name is None:
+                        pending.append(child)
+                    else:
+                        while True:
+                            moved += 1
+                            flat = f".scope-remove-{moved}"
+                            try:
+                                os.lstat(flat, dir_fd=top)
+                            except FileNotFoundError:
+                                break
+                        os.rename(child, flat, src_dir_fd=fd, dst_dir_fd=top)
+                        pending.append(flat)
+            finally:
+                if fd != top:
+                    os.close(fd)
+            if name is not None:  # now empty: its files unlinked, its subdirectories moved up
+                os.rmdir(name, dir_fd=top)
     finally:
-        # Also after a normal exit: children the program forked may still run.
-        _kill_process_group(process.pid)
-        process.wait()
-        if uid is not None and isolation.random_uids and not isolation.namespaces:
-            _kill_processes_of_uid(isolation, uid)
-    return timed_out
+        os.close(top)
+    os.rmdir(path)
 
 
-def _read_results(workdir: Path, max_bytes: int) -> dict[int, dict]:
-    """Test index -> harness record. Malformed lines (a program writing into the file)
-    are ignored, and the last line per test wins: the harness writes a test's
-    record after that test's code has run, so it overrides anything the code wrote."""
-    raw = _read_untrusted_file(workdir / "results.jsonl", max_bytes) or b""
+def _remove_files_of_uid(uid: int) -> None:
+    """Without a mount namespace: delete what the run's uid left in the world-writable directories."""
+    for directory in _WORLD_WRITABLE_DIRS:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    _remove_tree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+
+
+def _stdin_bytes(test_input: object) -> int:
+    if isinstance(test_input, list):
+        return sum(len(str(line).encode()) + 1 for line in test_input)
+    return len(str(test_input).encode())
+
+
+class _Output:
+    """What the parent reads back from a run, within one byte budget for all of it."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.results = bytearray()
+        self.stderr_tail = b""
+        self.total = 0
+        self.over_budget = False
+
+    def add(self, is_stderr: bool, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.total > self.budget_bytes:
+            self.over_budget = True
+            return
+        if is_stderr:
+            self.stderr_tail = (self.stderr_tail + chunk)[-4 * _STDERR_TAIL_CHARS :]
+        else:
+            self.results += chunk
+
+
+def _communicate(process: subprocess.Popen, output: _Output, deadline: float) -> bool:
+    """Reads the run's stdout and stderr pipes until both close; False at the deadline or over the budget."""
+    streams = {process.stdout.fileno(): False, process.stderr.fileno(): True}
+    poller = select.poll()
+    for fd in streams:
+        poller.register(fd, select.POLLIN)
+    while streams:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            return False
+        for fd, _ in poller.poll(max(1, int(left_s * 1000))):
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                poller.unregister(fd)
+                del streams[fd]
+                continue
+            output.add(streams[fd], chunk)
+            if output.over_budget:
+                return False
+    return True
+
+
+def _parse_records(raw: bytes) -> tuple[dict[int, dict], dict | None, str | None, int]:
+    """(test index -> record, supervisor record, set-up error, malformed line count).
+
+    The last record per test wins: the harness writes a test's record after that
+    test's code has run, so it overrides anything the code wrote. A line that is
+    not a valid record (garbage, or JSON nested too deeply to parse) is counted
+    and ignored.
+    """
     records: dict[int, dict] = {}
+    supervisor, setup_error, malformed = None, None, 0
     for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
+            if "setup_error" in record:
+                setup_error = str(record["setup_error"])
+                continue
+            if "supervisor" in record:
+                supervisor = {"supervisor": str(record["supervisor"]), "error": str(record["error"])}
+                continue
             index = int(record["test"])
             record["status"], record["error"] = str(record["status"]), str(record.get("error", ""))
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(record.get("stdout", ""), str):
+                raise TypeError("stdout is not a string")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            malformed += 1
             continue
         records[index] = record
-    return records
+    return records, supervisor, setup_error, malformed
+
+
+def _execute(
+    isolation: _Isolation,
+    source: str,
+    test_inputs: Sequence,
+    fn_name: str | None,
+    limits: SandboxLimits,
+    stop_at_first_error: bool,
+) -> ProgramRun:
+    job = {
+        "source": source,
+        "inputs": list(test_inputs),
+        "fn_name": fn_name,
+        "limits": asdict(limits),
+        "stop_at_first_error": stop_at_first_error,
+    }
+    budget_bytes = limits.output_budget_mb * _MIB
+    with tempfile.TemporaryFile() as job_file, _uid_lease(isolation) as uid:
+        # An unlinked file as stdin: the job reaches the sandbox without a path on the host.
+        job_file.write(json.dumps(job).encode("utf-8", errors="replace"))
+        job_file.seek(0)
+        outer = cgroup = config = None
+        oom_killed = False
+        if isolation.contained:
+            input_bytes = sum(_stdin_bytes(item) for item in test_inputs) if fn_name is None else 0
+            tmpfs_bytes = budget_bytes + input_bytes + _MIB
+            cgroup = _make_cgroup(uid, limits, tmpfs_bytes)
+            config = {
+                "uid": uid,
+                "root": str(_state_dir() / "root"),
+                "binds": _binds(isolation.python),
+                "tmpfs_bytes": tmpfs_bytes,
+                "tmpfs_inodes": 4096 + 2 * len(test_inputs),
+                "cgroup": str(cgroup) if cgroup else None,
+                "memory_bytes": limits.memory_mb * _MIB,
+                "wall_time_s": limits.wall_time_s,
+                "sample_s": _MEMORY_SAMPLE_S,
+            }
+            workdir = "/"
+            env = dict(_MINIMAL_ENV)
+        else:
+            # outer: root-owned, so the program cannot swap its work dir for a symlink;
+            # work: private to the run's uid (0700), so no other run can read it.
+            outer = tempfile.mkdtemp(prefix="scope-sandbox-")
+            workdir = os.path.join(outer, "work")
+            os.mkdir(workdir, 0o700)
+            if uid is not None:
+                os.chmod(outer, 0o711)
+                os.chown(workdir, uid, uid)
+            env = {**_MINIMAL_ENV, "HOME": workdir, "TMPDIR": workdir}
+        output = _Output(budget_bytes + _BUDGET_SLACK_BYTES)
+        process = None
+        finished = False
+        try:
+            process = subprocess.Popen(
+                isolation.command(uid, limits.wall_time_s, config),
+                cwd=workdir,
+                env=env,
+                stdin=job_file,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group, killed as a whole
+                close_fds=True,
+                **isolation.popen_kwargs(uid),
+            )
+            grace = _CONTAINED_GRACE_S if isolation.contained else 0.0
+            finished = _communicate(process, output, time.monotonic() + limits.wall_time_s + grace)
+        finally:
+            if process is not None:
+                # Also after a normal exit: children the program forked may still run.
+                _kill_process_group(process.pid)
+                process.wait()
+                process.stdout.close()
+                process.stderr.close()
+            if uid is not None and isolation.random_uids and (not isolation.namespaces or not finished):
+                # Without a pid namespace, or when the namespace was killed from outside
+                # (its processes die asynchronously), before the uid goes back to the pool.
+                if isolation.namespaces:
+                    _wait_until_uid_has_no_processes(uid)
+                else:
+                    _kill_processes_of_uid(isolation, uid)
+            if cgroup is not None:
+                oom_killed = _cgroup_oom_killed(cgroup)
+                _remove_cgroup(cgroup)
+            if outer is not None:
+                _remove_tree(outer)
+                if uid is not None and isolation.random_uids:
+                    _remove_files_of_uid(uid)
+    killed_for = None if finished else ("output_budget" if output.over_budget else "wall_time")
+    return _collect(output, limits, len(test_inputs), fn_name is None, killed_for, oom_killed)
 
 
 def _collect(
-    workdir: Path, stderr_path: Path, n_tests: int, stdio: bool, timed_out: bool, limits: SandboxLimits
+    output: _Output, limits: SandboxLimits, n_tests: int, stdio: bool, killed_for: str | None, oom_killed: bool
 ) -> ProgramRun:
-    max_bytes = limits.max_file_mb * 1024 * 1024
-    records = _read_results(workdir, max_bytes)
-    stderr = (_read_untrusted_file(stderr_path, max_bytes) or b"").decode("utf-8", errors="replace")
+    records, supervisor, setup_error, malformed = _parse_records(bytes(output.results))
+    if setup_error is not None:
+        raise SandboxUnavailable(f"the sandbox could not be set up: {setup_error}")
+    reasons = {
+        "wall_time": f"killed after {limits.wall_time_s:g} s wall time",
+        "output_budget": f"killed: the run's output went over the {limits.output_budget_mb} MiB output budget",
+    }
+    reason = reasons.get(killed_for, "the run ended before it")
+    if supervisor is not None:
+        killed_for, reason = supervisor["supervisor"], supervisor["error"]
+    elif oom_killed:
+        killed_for, reason = "memory", f"killed: the process tree went over the {limits.memory_mb} MiB memory limit"
     compile_record = records.get(-1)
     tests = []
     for index in range(n_tests):
         record = records.get(index)
         if record is None or record["status"] not in ("ok", "error", "timeout"):
-            reason = f"killed after {limits.wall_time_s:g} s wall time" if timed_out else "the run ended before it"
+            if malformed and killed_for is None:
+                reason = f"its result could not be read ({malformed} malformed or too deeply nested result lines)"
             tests.append(TestOutcome("not_run", reason))
             continue
-        stdout = None
-        if stdio and record["status"] == "ok":
-            raw = _read_untrusted_file(workdir / f"stdout_{index}.txt", max_bytes)
-            if raw is None:
-                tests.append(TestOutcome("error", "stdout missing, not a regular file, or over the size limit"))
-                continue
-            stdout = raw.decode("utf-8", errors="replace")
+        stdout = record.get("stdout") if stdio else None
+        if stdio and record["status"] == "ok" and stdout is None:
+            tests.append(TestOutcome("error", "stdout missing, not a regular file, or over the size limit"))
+            continue
         tests.append(TestOutcome(record["status"], record["error"], stdout, record.get("returned")))
     return ProgramRun(
         tests=tuple(tests),
         compile_error=compile_record["error"] if compile_record else None,
-        timed_out=timed_out,
-        stderr_tail=stderr[-_STDERR_TAIL_CHARS:],
+        timed_out=killed_for == "wall_time",
+        stderr_tail=output.stderr_tail.decode("utf-8", errors="replace")[-_STDERR_TAIL_CHARS:],
+        killed_for=killed_for,
+        malformed_records=malformed,
     )
 
 
@@ -475,38 +825,24 @@ def run_program(
     Raises:
         SandboxUnavailable: no containment possible on this host (see module docstring).
     """
-    isolation = _isolation()
-    uid = isolation.pick_uid()
-    # outer: root-owned, where the parent keeps stderr; work: the program's, inside
-    # a directory it cannot rename, so it cannot swap in a symlink.
-    outer = Path(tempfile.mkdtemp(prefix="scope-sandbox-"))
-    try:
-        workdir = outer / "work"
-        workdir.mkdir()
-        _write_job(workdir, source, test_inputs, fn_name, limits, stop_at_first_error)
-        if uid is not None:
-            os.chmod(outer, 0o711)
-            for path in [workdir, *workdir.iterdir()]:
-                os.chown(path, uid, uid)
-        stderr_path = outer / "stderr.txt"
-        timed_out = _run_harness(isolation, uid, workdir, stderr_path, limits.wall_time_s)
-        return _collect(workdir, stderr_path, len(test_inputs), fn_name is None, timed_out, limits)
-    finally:
-        shutil.rmtree(outer, ignore_errors=True)
+    return _execute(_isolation(), source, test_inputs, fn_name, limits, stop_at_first_error)
 
 
 def run_programs(
     programs: Sequence[tuple[str, Sequence, str | None]],
     *,
     limits: SandboxLimits = SandboxLimits(),
-    max_workers: int = 4,
+    max_workers: int | None = None,
     stop_at_first_error: bool = False,
 ) -> list[ProgramRun]:
-    """:func:`run_program` on ``(source, test_inputs, fn_name)`` triples, ``max_workers`` at a time, in order.
+    """:func:`run_program` on ``(source, test_inputs, fn_name)`` triples, ``max_workers`` at a time
+    (default: one per CPU), in order.
 
     Threads suffice here (unlike for in-process verifiers): each thread only waits
     on a child that the wall-time limit is certain to end.
     """
+    if max_workers is None:
+        max_workers = os.cpu_count() or 1
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
 
