@@ -70,3 +70,30 @@ def test_helpers_we_import_exist():
     from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: F401
     from trl.models.utils import disable_gradient_checkpointing  # noqa: F401
     from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict  # noqa: F401
+
+
+def test_fused_lm_head_is_an_instance_forward_with_the_temperature_baked_in():
+    # student_logprob_temperature deletes the instance `forward` TRL installs and re-adds the head.
+    from trl.trainer.utils import add_fused_lm_head
+
+    assert params(add_fused_lm_head)[:4] == ["model", "temperature", "cast_lm_head_to_fp32", "outputs"]
+    source = inspect.getsource(add_fused_lm_head)
+    assert "model.forward = types.MethodType(" in source
+    init = inspect.getsource(GRPOTrainer.__init__)
+    assert "add_fused_lm_head(" in init and "temperature=self.temperature" in init
+
+
+def test_tensors_with_a_batch_dimension_are_shuffled_and_split():
+    # So SCOPETrainer passes its global denominators as 0-dim tensors (scope_num_items_mle / _opd).
+    import torch
+    from trl.trainer.utils import shuffle_sequence_dict
+
+    out = shuffle_sequence_dict({"x": torch.arange(4), "n": torch.tensor(7.0)})
+    assert out["n"].item() == 7.0 and sorted(out["x"].tolist()) == [0, 1, 2, 3]
+
+
+def test_vllm_importance_sampling_ratio_is_what_grpo_multiplies_its_token_loss_by():
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert 'per_token_loss * inputs["importance_sampling_ratio"]' in source
+    assert "vllm_importance_sampling_correction" in GRPOConfig.__dataclass_fields__
+    assert "epsilon" in GRPOConfig.__dataclass_fields__ and "epsilon_high" in GRPOConfig.__dataclass_fields__
