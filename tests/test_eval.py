@@ -85,7 +85,10 @@ def exact_pass(n: int, c: int, k: int) -> Fraction:
 
 
 def test_registry_covers_the_papers_benchmarks_with_hub_ids_and_fields():
-    assert set(PAPER_MATHS + ["HumanEval"]) <= set(BENCHMARKS)
+    assert set(PAPER_MATHS + ["HumanEval", "Codeforces", "LiveCodeBench"]) <= set(BENCHMARKS)
+    assert BENCHMARKS["Codeforces"].verifier == BENCHMARKS["LiveCodeBench"].verifier == "code"
+    assert BENCHMARKS["Codeforces"].hf_id == "BAAI/TACO" and BENCHMARKS["Codeforces"].num_problems == 500
+    assert BENCHMARKS["LiveCodeBench"].hf_id == "livecodebench/code_generation_lite"
     for name in PAPER_MATHS:
         spec = BENCHMARKS[name]
         assert spec.verifier == "math" and spec.instruction == MATH_INSTRUCTION
@@ -98,7 +101,11 @@ def test_registry_covers_the_papers_benchmarks_with_hub_ids_and_fields():
     assert "math-ai/aime24" in registry_table()
 
 
-def test_every_registered_benchmark_resolves_to_local_files(benchmark_dir):
+def test_every_registered_benchmark_resolves_to_local_files(benchmark_dir, monkeypatch, tmp_path):
+    from scope_opd.evaluation import code_benchmarks
+
+    # The fixture's Codeforces rows are not the real 500: check them against no shipped list.
+    monkeypatch.setattr(code_benchmarks, "CODEFORCES_LIST", tmp_path / "absent.json")
     for name in BENCHMARKS:
         problem_set = load_benchmark(name)
         assert problem_set.name == name

@@ -186,3 +186,45 @@ def drop_overlong_prompts(dataset, *, model, processing_class, args, max_prompt_
     )
     drop = set(over)
     return dataset.select([i for i in range(len(lengths)) if i not in drop])
+
+
+# --- TACO (the paper's code training data) ----------------------------------------------------
+
+
+def load_taco_dataset(source: str, *, split: str = "train", config: str | None = None, answer_field: str = "answer"):
+    """TACO rows as ``prompt`` (question + the stated instruction, see
+    :mod:`scope_opd.evaluation.code_benchmarks`) and ``answer_field`` (the tests as JSON text,
+    in the ``code`` verifier's format: stdin/stdout or ``fn_name`` function calls).
+
+    A row whose tests the verifier could not use (unparsable ``input_output``, no tests,
+    misaligned inputs/outputs, NaN) is dropped, never fed to the verifier: one warning counts
+    them and names each by file and row (the first :data:`MAX_NAMED_ROWS`) with the reason.
+    No usable row at all is a ``ValueError``.
+    """
+    from .evaluation.code_benchmarks import MalformedTests, taco_problem
+
+    if config is None and not os.path.exists(os.path.expanduser(source)) and source.rstrip("/").endswith("TACO"):
+        config = "ALL"  # BAAI/TACO's only configuration
+    description, rows = read_rows(source, split=split, hf_config=config)
+    prompts, answers, dropped = [], [], []
+    for where, row in rows:
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{description}: {where}: expected an object with fields, got {type(row).__name__}")
+        try:
+            prompt, gold = taco_problem(row)
+        except MalformedTests as err:
+            dropped.append(f"{where} ({err})")
+            continue
+        prompts.append(prompt)
+        answers.append(json.dumps(gold))
+    total = len(prompts) + len(dropped)
+    if dropped:
+        more = f"; and {len(dropped) - MAX_NAMED_ROWS} more" if len(dropped) > MAX_NAMED_ROWS else ""
+        warnings.warn(
+            f"{description}: dropped {len(dropped)} of {total} TACO rows whose tests cannot be verified: "
+            f"{'; '.join(dropped[:MAX_NAMED_ROWS])}{more}",
+            stacklevel=2,
+        )
+    if not prompts:
+        raise ValueError(f"{description}: no TACO row with usable tests (of {total} rows)")
+    return Dataset.from_dict({"prompt": prompts, answer_field: answers})

@@ -183,6 +183,10 @@ class BenchmarkSpec:
     aliases: tuple[str, ...] = ()
     package_copy: tuple[str, str] | None = None  # (python package, file inside it)
     notes: str = ""
+    # Benchmarks that select and build problems themselves (the code track, code_benchmarks.py):
+    # (description, rows, limit=) -> problems; and how to read the hub when read_rows cannot.
+    build_problems: Callable[..., list[Problem]] | None = None
+    hub_rows: Callable[[BenchmarkSpec], tuple[str, Iterable]] | None = None
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -463,6 +467,20 @@ def load_benchmark(
     spec = get_benchmark(name)
     path = Path(file) if file is not None else _local_benchmark_file(spec)
     source = str(path) if path is not None else spec.hf_id
+    if spec.build_problems is not None:
+        overrides = [flag for flag, value in (("--prompt-field", prompt_field), ("--answer-field", answer_field),
+                                               ("--instruction", instruction)) if value is not None]
+        if overrides:
+            raise ValueError(f"{spec.name} builds its prompts and tests itself; {', '.join(overrides)} cannot apply")
+        if path is None and spec.hub_rows is not None:
+            description, rows = spec.hub_rows(spec)
+        else:
+            description, rows = read_rows(source, split=spec.split, hf_config=None if path else spec.hf_config)
+        problems = spec.build_problems(f"{spec.name} ({description})", rows, limit=limit)
+        if limit is None and spec.num_problems and len(problems) != spec.num_problems:
+            logger.warning("%s: %d problems, the published benchmark has %d", description, len(problems),
+                           spec.num_problems)
+        return ProblemSet(spec.name, problems, verifier=spec.verifier, source=description)
     description, rows = read_rows(source, split=spec.split, hf_config=spec.hf_config)
     problems = _rows_to_problems(
         f"{spec.name} ({description})",
@@ -515,3 +533,42 @@ def load_problems(
     )
     default_name = Path(str(source)).name.split(".")[0] if Path(str(source)).is_file() else str(source)
     return ProblemSet(name or default_name, problems, verifier=verifier, source=description)
+
+
+# --- the code track (paper Table 2), built in code_benchmarks.py --------------------------------
+# Imported last: code_benchmarks uses Problem and BenchmarkSpec from this module.
+
+from . import code_benchmarks as _code  # noqa: E402
+
+for _spec in (
+    BenchmarkSpec(
+        name="Codeforces",
+        hf_id="BAAI/TACO",
+        split="test",
+        hf_config="ALL",
+        prompt_field="question",
+        answer_field=None,
+        verifier="code",
+        instruction=_code.STDIN_INSTRUCTION,
+        num_problems=_code.CODEFORCES_SIZE,
+        aliases=("codeforces", "taco-codeforces", "cf"),
+        build_problems=_code.codeforces_problems,
+        notes=f"{_code.CODEFORCES_RULE}; checked against the shipped id list",
+    ),
+    BenchmarkSpec(
+        name="LiveCodeBench",
+        hf_id="livecodebench/code_generation_lite",
+        split="test",
+        prompt_field="question_content",
+        answer_field=None,
+        id_field="question_id",
+        verifier="code",
+        instruction=_code.STDIN_INSTRUCTION,
+        aliases=("lcb", "livecodebench", "code_generation_lite"),
+        build_problems=_code.livecodebench_problems,
+        hub_rows=_code.livecodebench_hub_rows,
+        notes=f"contest_date {_code.LIVECODEBENCH_WINDOW[0]}..{_code.LIVECODEBENCH_WINDOW[1]}; public + private tests "
+        "(compressed ones decoded by a str-only unpickler); stdin and functional",
+    ),
+):
+    BENCHMARKS[_spec.name] = _spec

@@ -3,7 +3,9 @@
   scope eval --model M --benchmark AIME24 --benchmark MATH500 [--out DIR]
   scope eval --model M --dataset problems.jsonl --prompt-field question --answer-field answer
   scope eval compare DIR1 DIR2 ... [--labels a,b] [--out DIR]
+  scope eval --model M --benchmark HumanEval --benchmark Codeforces --benchmark LiveCodeBench
   scope eval --list-benchmarks
+  scope eval --build-codeforces-list TACO_TEST [--out FILE]
 
 Sampling defaults are the paper's: n = 32, temperature 0.6, top-p 0.95, top-k 20,
 max 32768 new tokens, repetition penalty 1.0 (the paper used 1.08 for
@@ -46,7 +48,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
         "%(prog)s --model M (--benchmark NAME [--benchmark NAME ...] | --dataset FILE) [options]\n"
         "       %(prog)s compare DIR [DIR ...] [--labels a,b] [--out DIR]\n"
-        "       %(prog)s --list-benchmarks"
+        "       %(prog)s --list-benchmarks\n"
+        "       %(prog)s --build-codeforces-list TACO_TEST [--out FILE]"
     )
     parser.epilog = "examples:\n" + DOC_USAGE
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -58,8 +61,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="registered benchmark (repeatable): AIME24, AIME25, AMC23, MATH500, Minerva, OlympiadBench, HumanEval; "
-        "see --list-benchmarks",
+        help="registered benchmark (repeatable): AIME24, AIME25, AMC23, MATH500, Minerva, OlympiadBench, HumanEval, "
+        "Codeforces, LiveCodeBench; see --list-benchmarks",
     )
     what.add_argument(
         "--benchmark-file",
@@ -87,6 +90,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument("--limit", type=_positive_int, help="evaluate only the first N problems of each benchmark")
     what.add_argument("--list-benchmarks", action="store_true", help="print the benchmark registry and exit")
+    what.add_argument(
+        "--build-codeforces-list",
+        metavar="TACO_TEST",
+        help="apply the Codeforces selection rule to a local copy of TACO's test split (file, save_to_disk folder or "
+        "BAAI/TACO download) and write the id list (default: into the package, see --out) and exit",
+    )
 
     sampling = parser.add_argument_group("sampling (defaults: the paper's protocol)")
     sampling.add_argument("--n", type=_positive_int, default=32, help="samples per problem (default: 32)")
@@ -259,6 +268,12 @@ def main(args: argparse.Namespace) -> int:
         print(registry_table())
         return 0
     try:
+        if getattr(args, "build_codeforces_list", None):
+            from .code_benchmarks import CODEFORCES_LIST, build_codeforces_list
+
+            path, count = build_codeforces_list(args.build_codeforces_list, args.out or CODEFORCES_LIST)
+            print(f"wrote {path}: {count} Codeforces problems")
+            return 0
         if args.action == "compare":
             return _run_compare(args)
         return _run_eval(args)
