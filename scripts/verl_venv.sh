@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build (once) and print the path of the verl venv used by tests/verl_tier.
+#
+# verl pulls Ray, Hydra, TensorDict and friends; they must never land in the
+# system python, so they get their own venv outside the checkout, cached at
+# ${SCOPE_CACHE:-$HOME/.cache/scope-opd}/venv-verl. The `.complete` marker is
+# written last and holds the pin set: an interrupted build, or a change of pins,
+# is rebuilt from scratch instead of being half-reused.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SCOPE_CACHE:-$HOME/.cache/scope-opd}/venv-verl"
+PYTHON="${SCOPE_VERL_PYTHON:-python3.11}"
+
+# torch==2.13.0: pip takes the local CPU wheel (find-links) and never a CUDA one.
+# verl 0.9.1 is the release the plugin is written and tested against.
+PINS=(
+  "torch==2.13.0"
+  "verl[verl-core]==0.9.1"
+)
+STAMP="${PINS[*]} | -e ${REPO}[verl,test]"
+
+if [[ -f "$VENV/.complete" && "$(cat "$VENV/.complete")" == "$STAMP" ]]; then
+  echo "$VENV"
+  exit 0
+fi
+
+echo "building verl venv at $VENV" >&2
+rm -rf "$VENV"
+mkdir -p "$(dirname "$VENV")"
+"$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# torch first and alone, so that nothing later can resolve a different build.
+"${PIP[@]}" "${PINS[0]}" >&2
+"${PIP[@]}" "${PINS[@]}" >&2
+"${PIP[@]}" "${PINS[0]}" -e "${REPO}[verl,test]" >&2
+"$VENV/bin/python" - <<'PY' >&2
+import torch, verl
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+assert torch.version.cuda is None, f"a CUDA torch was installed: {torch.__version__}"
+print("verl", verl.__version__, "torch", torch.__version__)
+PY
+echo "$STAMP" > "$VENV/.complete"
+echo "$VENV"

@@ -1,0 +1,1 @@
+"""Integrations of SCOPE with other training engines (each optional)."""
