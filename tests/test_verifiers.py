@@ -24,7 +24,7 @@ from scope_opd.verifiers import (
     verify_batch,
 )
 from scope_opd.verifiers.extract import final_answer_text, last_boxed_content, last_python_block
-from scope_opd.verifiers.math import math_score
+from scope_opd.verifiers.math import math_any_score, math_score
 
 # ---------------------------------------------------------------- extraction
 
@@ -68,12 +68,35 @@ def test_last_python_block_takes_the_last_fenced_block_else_everything():
         (r"\boxed{\sqrt{3}/2}", r"\frac{\sqrt{3}}{2}"),
         (r"First \boxed{3}, then corrected: \boxed{5}", "5"),
         (r"\boxed{7} and a truncated \boxed{8", "7"),
-        ("The answer is 42.", "42"),
         (r"\boxed{1000}", "1,000"),
+        (r"final: \boxed 9$", "9"),
     ],
 )
 def test_math_equivalent_answers_score_one(completion, gold):
     assert math_score(completion, gold) == 1.0
+    assert math_any_score(completion, gold) == 1.0  # a boxed answer is read the same way by both
+
+
+# Text of the shape tiny random models emit (tests/conftest.py's tiny_pair_dir): digits among
+# noise. math-verify's fallback reads "2" out of it and matched gold "2", inflating eval rates.
+RANDOM_MODEL_JUNK = ["Uq 3 2", "x=2", "2", "7+k=2 ... 2", "\\bo 2xed{ 2", "$2$ then zz"]
+
+
+@pytest.mark.parametrize("junk", RANDOM_MODEL_JUNK)
+def test_math_scores_zero_without_a_box_even_when_the_gold_appears_in_the_text(junk):
+    assert math_any_score(junk, "2") == 1.0  # what math-verify's fallback alone says
+    assert math_score(junk, "2") == 0.0  # the math verifier: the prompt asked for \boxed{}
+    assert math_score(junk + " \\boxed{2}", "2") == 1.0  # the same text with the asked-for box
+
+
+def test_math_a_box_cut_off_by_truncation_is_no_answer_even_if_the_gold_is_inside():
+    assert math_score("steps... \\boxed{2", "2") == 0.0
+    assert math_score("\\boxed{3}, retried \\boxed{2", "2") == 0.0  # the last complete box is 3
+
+
+def test_math_any_reads_an_unboxed_answer():
+    assert math_any_score("The answer is 42.", "42") == 1.0
+    assert math_score("The answer is 42.", "42") == 0.0
 
 
 @pytest.mark.parametrize(
@@ -155,6 +178,7 @@ def test_exact_unusable_gold_raises_invalid_gold(gold):
 
 def test_builtin_names_resolve_to_the_verifiers():
     assert get_verifier("math") is math_score
+    assert get_verifier("math_any") is math_any_score
     assert get_verifier("exact") is exact_score
     assert get_verifier("code") is code_score
 

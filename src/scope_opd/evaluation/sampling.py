@@ -8,10 +8,16 @@ reference; :func:`vllm_generate_completions` does the same with vLLM's offline
 
 Decisions kept in one place:
 
-* prompts are user messages; the tokenizer's chat template is applied when it has
-  one (``apply_chat_template=False`` feeds the raw text, with the tokenizer's
-  usual special tokens), then left-padded so every row's generation starts at the
-  same column;
+* a prompt is one of three things (:func:`encode_prompts`): a *text* prompt is an
+  evaluation problem, sent as one user message through the tokenizer's chat
+  template when it has one (``apply_chat_template=False`` feeds the raw text,
+  with the tokenizer's usual special tokens); a *conversational* prompt (chat
+  messages) and a *token-id* prompt are rendered by TRL's rule
+  (:func:`scope_opd.prompts.prompt_token_ids`) or taken as they are, whatever
+  ``apply_chat_template`` says. Optional token-id ``prefixes`` follow their
+  prompt (the start of the answer, which the model continues and which is not
+  part of the returned completion). Rows are left-padded so every row's
+  generation starts at the same column;
 * a sample is cut at its first EOS (the model's ``generation_config`` EOS ids and
   the tokenizer's), special tokens are stripped from the text, and a sample
   that hits ``max_new_tokens`` first is kept and flagged ``finished=False``
@@ -81,15 +87,21 @@ PAPER_SAMPLING = SamplingSettings()
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled completion: decoded text, generated tokens up to and including EOS, EOS reached."""
+    """One sampled completion: decoded text, generated tokens up to and including EOS, EOS reached.
+
+    ``token_ids`` are the sampled ids themselves (``len(token_ids) == num_tokens``; the
+    EOS id is the last one when ``finished``), so that a caller can score or train on
+    exactly what was sampled instead of re-encoding ``text``.
+    """
 
     text: str
     num_tokens: int
     finished: bool
+    token_ids: tuple[int, ...] = ()
 
 
 def format_prompts(tokenizer, prompts: Sequence[str], apply_chat_template: bool = True) -> list[str]:
-    """Prompt strings as the model sees them: one user turn through the chat template, if any."""
+    """Text prompts as the model sees them: one user turn through the chat template, if any."""
     if not apply_chat_template or not getattr(tokenizer, "chat_template", None):
         return list(prompts)
     return [
@@ -98,11 +110,53 @@ def format_prompts(tokenizer, prompts: Sequence[str], apply_chat_template: bool 
     ]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], apply_chat_template: bool = True) -> list[list[int]]:
-    """Token ids of each prompt. A chat template writes its own BOS, so no special tokens are added to it."""
+def _is_token_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+def encode_prompts(tokenizer, prompts: Sequence, apply_chat_template: bool = True) -> list[list[int]]:
+    """Token ids of each prompt: text, chat messages or token ids (see the module docstring).
+
+    A text prompt goes through the chat template as one user message when
+    ``apply_chat_template`` and the tokenizer has one (tokenised by the template, which
+    writes its own BOS), else it is tokenised raw with the usual special tokens.
+
+    Raises:
+        ValueError: a prompt of another type (the error gives its index).
+    """
+    from ..prompts import prompt_token_ids
+
     templated = apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    texts = format_prompts(tokenizer, prompts, apply_chat_template)
-    return [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            message = [{"role": "user", "content": prompt}]
+            encoded.append(prompt_token_ids(tokenizer, message) if templated else list(tokenizer(prompt)["input_ids"]))
+        elif _is_token_ids(prompt) and len(prompt) > 0:
+            encoded.append(list(prompt))
+        else:
+            try:
+                encoded.append(prompt_token_ids(tokenizer, prompt))
+            except ValueError as error:
+                raise ValueError(f"prompt {index}: {error} (token-id prompts must be non-empty lists of ints)") from None
+    return encoded
+
+
+def _model_inputs(tokenizer, prompts: Sequence, prefixes: Sequence | None, apply_chat_template: bool, vocab_size: int | None):
+    """Prompt ids + prefix ids of each row, checked: same count, ids in the vocabulary."""
+    encoded = encode_prompts(tokenizer, prompts, apply_chat_template)
+    if prefixes is not None:
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts; give one per prompt")
+        for index, prefix in enumerate(prefixes):
+            if not _is_token_ids(prefix):
+                raise ValueError(f"prefix {index} must be a list of token ids (ints), got {type(prefix).__name__}")
+        encoded = [ids + list(prefix) for ids, prefix in zip(encoded, prefixes)]
+    for index, ids in enumerate(encoded):
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return encoded
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -139,17 +193,25 @@ def _generation_config(settings: SamplingSettings, eos_ids: list[int], pad_id: i
 def generate_completions(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence,
     settings: SamplingSettings = PAPER_SAMPLING,
     *,
+    prefixes: Sequence[Sequence[int]] | None = None,
     progress: bool = True,
     desc: str = "sampling",
 ) -> list[list[Completion]]:
     """``settings.n`` completions for each prompt with transformers ``generate``: ``[len(prompts)][n]``.
 
     ``model`` is a loaded causal LM (any device), ``tokenizer`` its tokenizer.
+    ``prompts`` are texts, chat-message lists or token ids (:func:`encode_prompts`);
+    ``prefixes``, one list of token ids per prompt, are appended to the prompt's ids
+    and continued (the returned completion starts after the prefix).
     Sequences are batched ``settings.batch_size`` at a time (a prompt's n
     copies are consecutive), left-padded.
+
+    Raises:
+        ValueError: a prompt or prefix that is not one of those forms, a prefix count
+            that differs from the prompt count, or token ids outside the vocabulary.
     """
     import torch
     from tqdm.auto import tqdm
@@ -162,7 +224,8 @@ def generate_completions(
     eos_ids = _eos_ids(model, tokenizer)
     eos_set = set(eos_ids)
     gen_config = _generation_config(settings, eos_ids, pad_id)
-    encoded = encode_prompts(tokenizer, prompts, settings.apply_chat_template)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    encoded = _model_inputs(tokenizer, prompts, prefixes, settings.apply_chat_template, vocab_size)
     flat = [(p, encoded[p]) for p in range(len(prompts)) for _ in range(settings.n)]
     results: list[list[Completion]] = [[] for _ in prompts]
     device = next(model.parameters()).device
@@ -191,7 +254,9 @@ def generate_completions(
                     kept = tokens if cut is None else tokens[:cut]
                     text = tokenizer.decode(kept, skip_special_tokens=True)
                     num_tokens = len(tokens) if cut is None else cut + 1
-                    results[prompt_index].append(Completion(text, num_tokens, cut is not None))
+                    results[prompt_index].append(
+                        Completion(text, num_tokens, cut is not None, tuple(tokens[:num_tokens]))
+                    )
                 bar.update(len(batch))
     finally:
         bar.close()
@@ -202,7 +267,7 @@ def generate_completions(
 def sample_completions(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence,
     *,
     n: int = PAPER_SAMPLING.n,
     temperature: float = PAPER_SAMPLING.temperature,
@@ -236,9 +301,14 @@ def sample_completions(
 
 
 def vllm_generate_completions(
-    llm, prompts: Sequence[str], settings: SamplingSettings = PAPER_SAMPLING, *, progress: bool = True
+    llm,
+    prompts: Sequence,
+    settings: SamplingSettings = PAPER_SAMPLING,
+    *,
+    prefixes: Sequence[Sequence[int]] | None = None,
+    progress: bool = True,
 ):
-    """:func:`generate_completions` on a ``vllm.LLM``: same prompt encoding, same settings.
+    """:func:`generate_completions` on a ``vllm.LLM``: same prompt encoding and prefixes, same settings.
 
     vLLM batches internally (``batch_size`` is unused). The prompts go in as token
     ids so a chat template's BOS is not doubled by vLLM's own tokenisation.
@@ -246,7 +316,7 @@ def vllm_generate_completions(
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
-    encoded = encode_prompts(tokenizer, prompts, settings.apply_chat_template)
+    encoded = _model_inputs(tokenizer, prompts, prefixes, settings.apply_chat_template, len(tokenizer))
     params = SamplingParams(
         n=settings.n,
         temperature=settings.temperature,
@@ -259,6 +329,9 @@ def vllm_generate_completions(
     )
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=progress)
     return [
-        [Completion(o.text, len(o.token_ids), o.finish_reason == "stop") for o in request.outputs]
+        [
+            Completion(o.text, len(o.token_ids), o.finish_reason == "stop", tuple(o.token_ids))
+            for o in request.outputs
+        ]
         for request in outputs
     ]

@@ -28,7 +28,7 @@ from math_verify import parse, verify
 from .extract import last_boxed_content
 from .registry import InvalidGoldError
 
-__all__ = ["math_score", "parse_gold"]
+__all__ = ["math_any_score", "math_score", "parse_gold"]
 
 # math-verify's own default: bounds one pathological sympy call without killing the worker.
 MATH_VERIFY_TIMEOUT_S = 5
@@ -61,21 +61,33 @@ def parse_gold(gold: object) -> list:
     return parsed
 
 
-def math_score(completion: str, gold: object) -> float:
-    """1.0 when the completion's answer is mathematically equivalent to the gold, else 0.0.
+def math_score(completion: str, gold: object, *, require_boxed: bool = True) -> float:
+    """1.0 when the completion's boxed answer is mathematically equivalent to the gold, else 0.0.
 
-    The answer is the last complete ``\\boxed{...}`` when there is one (math-verify
-    alone would merge several boxes into a set); otherwise whatever answer-like
-    expression math-verify's default LaTeX + plain-expression extraction finds.
-    No extractable answer scores 0.0.
+    The answer is the content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``;
+    math-verify alone would merge several boxes into a set). With ``require_boxed``
+    (the default, the ``math`` verifier) a completion without a complete box scores
+    0.0: every prompt this project builds for maths asks for ``\\boxed{}`` (the paper
+    presets' and the evaluation benchmarks' instruction), and math-verify's fallback,
+    which takes any number in the text, matched gold answers such as "2" in the random
+    text of untrained models. ``require_boxed=False`` (the ``math_any`` verifier, for
+    data whose prompts do not ask for a box) falls back to math-verify's default LaTeX +
+    plain-expression extraction over the whole text. No extractable answer scores 0.0.
 
     Raises:
         InvalidGoldError: see :func:`parse_gold`.
     """
     gold_parsed = parse_gold(gold)
-    timeout = _math_verify_timeout()
     boxed = last_boxed_content(completion)
+    if boxed is None and require_boxed:
+        return 0.0
+    timeout = _math_verify_timeout()
     answer = parse(completion if boxed is None else f"\\boxed{{{boxed}}}", parsing_timeout=timeout)
     if not answer:
         return 0.0
     return 1.0 if verify(gold_parsed, answer, timeout_seconds=timeout) else 0.0
+
+
+def math_any_score(completion: str, gold: object) -> float:
+    """:func:`math_score` without ``require_boxed``: an unboxed answer anywhere in the text may match."""
+    return math_score(completion, gold, require_boxed=False)

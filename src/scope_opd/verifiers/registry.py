@@ -20,6 +20,8 @@ Verifier = Callable[[str, object], float]
 # "exact" or "code" should not pay for.
 BUILTIN_VERIFIERS: dict[str, str] = {
     "math": "scope_opd.verifiers.math:math_score",
+    # math-verify's fallback over the whole text too, for prompts that do not ask for \boxed{}.
+    "math_any": "scope_opd.verifiers.math:math_any_score",
     "exact": "scope_opd.verifiers.exact:exact_score",
     "code": "scope_opd.verifiers.code:code_score",
 }
