@@ -1,0 +1,133 @@
+"""Peak memory of in-process teacher scoring: TRL's fused LM head vs materialised logits, side by side.
+
+Each path runs in a fresh child process (so neither inherits the other's allocator state) on the
+same randomly initialised Qwen2-shaped teacher: a realistic vocabulary (151,936, Qwen2's) and
+completion length (default 2 rows x 4,096 tokens in one forward) with a tiny hidden size, so that
+it fits on a CPU. Peak = the highest resident set (CPU: /proc VmHWM, reset just before scoring) or
+the highest allocated CUDA memory, minus what was in use just before scoring: the model and its
+inputs are not counted, the activations and the logits (or the fused head's tiles) are.
+
+    python benchmarks/bench_teacher_memory.py                         # CPU, fp32
+    python benchmarks/bench_teacher_memory.py --rows 8 --completion-tokens 12288 --hidden 896  # GPU, bf16
+
+The last line reads ``teacher peak memory: fused X MiB vs logits Y MiB (Zx less)``; the line before
+it, the largest difference between the two paths' log-probs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+MIB = 2**20
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def measure(path: str, args, out_file: str) -> None:
+    """Child process: build the teacher, score once on ``path`` ("fused" or "logits"), write peak and log-probs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from scope_opd.teachers import InProcessTeacher
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    config = Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.prompt_tokens + args.completion_tokens + 8,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, args.vocab, (args.prompt_tokens,), generator=generator).tolist() for _ in range(args.rows)]
+    completions = [torch.randint(0, args.vocab, (args.completion_tokens,), generator=generator).tolist() for _ in range(args.rows)]
+    teacher = InProcessTeacher(model, batch_size=args.rows, temperature=args.temperature, fused=path == "fused")
+    assert teacher.fused == (path == "fused"), f"{path} path not available"
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = _rss_bytes("VmRSS")
+        _reset_peak_rss()
+    start = time.perf_counter()
+    scores = teacher.score(prompts, completions)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _rss_bytes("VmHWM") - before
+    seconds = time.perf_counter() - start
+    torch.save(torch.stack(scores), out_file + ".pt")
+    with open(out_file, "w") as f:
+        json.dump({"peak_bytes": peak, "seconds": seconds}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2, help="rows in the one teacher forward (teacher_batch_size)")
+    parser.add_argument("--completion-tokens", type=int, default=4096, help="completion tokens per row")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=151_936, help="vocabulary (default Qwen2's 151,936)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (tiny by default: the head's output is what we measure)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are ~6x slower)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in the child processes")
+    parser.add_argument("--child", choices=("fused", "logits"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.child:
+        measure(args.child, args, args.out)
+        return
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_teacher_memory_") as tmp:
+        for path in ("fused", "logits"):
+            out = os.path.join(tmp, path + ".json")
+            child = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", path, "--out", out]
+            subprocess.run(child, check=True)
+            with open(out) as f:
+                results[path] = json.load(f)
+            results[path]["logprobs"] = torch.load(out + ".pt")
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    logits_bytes = args.rows * args.completion_tokens * args.vocab * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
+    print(f"machine: {device}, torch {torch.__version__}, {args.dtype}, {args.threads} thread(s)")
+    print(f"one teacher forward: {args.rows} rows x ({args.prompt_tokens} prompt + {args.completion_tokens} completion) tokens, "
+          f"vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, temperature {args.temperature}")
+    print(f"[completion tokens, V] logits alone would be {logits_bytes / MIB:,.0f} MiB")
+    for path in ("fused", "logits"):
+        print(f"{path:>6}: peak {results[path]['peak_bytes'] / MIB:,.0f} MiB, {results[path]['seconds']:.1f} s")
+    diff = (results["fused"]["logprobs"] - results["logits"]["logprobs"]).abs().max().item()
+    print(f"max |fused - logits| log-prob difference: {diff:.2e}")
+    fused, logits = results["fused"]["peak_bytes"] / MIB, results["logits"]["peak_bytes"] / MIB
+    print(f"teacher peak memory: fused {fused:,.0f} MiB vs logits {logits:,.0f} MiB ({logits / max(fused, 1e-9):.1f}x less)")
+
+
+if __name__ == "__main__":
+    main()
