@@ -176,7 +176,7 @@ def _stdio_test(code, index, seconds, budget):
         raw = _read_own_stdout(stdout_path, budget.remaining())
         if raw is None:
             record.update(status="error", error="stdout missing, not a regular file, or over the size limit "
-                          "(%d MiB output budget)" % budget.total_mib)
+                          "(the run's output budget is %d MiB)" % budget.total_mib)
         else:
             record["stdout"] = raw.decode("utf-8", errors="replace")
     try:
@@ -281,6 +281,10 @@ def run_tests(job):
             os._exit(0)  # a fork made by the program returned into the harness: it has no say
         try:
             line = (json.dumps(record) + "\n").encode("utf-8", errors="replace")
+            if len(line) > budget.remaining():  # JSON escapes can make a record several times its output
+                record = {"test": index, "status": "error",
+                          "error": "output over the run's %d MiB output budget" % budget.total_mib}
+                line = (json.dumps(record) + "\n").encode()
             budget.spend(len(line))
             _write_all(results_fd, line)
         except BaseException:

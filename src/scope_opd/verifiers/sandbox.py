@@ -118,6 +118,8 @@ _CONTAINED_GRACE_S = 2.0
 # Directories anyone may write to on a host without a mount namespace, cleaned of the run's files afterwards.
 _WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 # What the interpreter needs, bound read-only into a contained run (missing ones are skipped).
+# Files and directories a contained run may create (each inode is kernel memory that no size limit counts).
+_TMPFS_INODES = 8192
 _SYSTEM_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/localtime")
 
 
@@ -702,7 +704,7 @@ def _execute(
                 "root": str(_state_dir() / "root"),
                 "binds": _binds(isolation.python),
                 "tmpfs_bytes": tmpfs_bytes,
-                "tmpfs_inodes": 4096 + 2 * len(test_inputs),
+                "tmpfs_inodes": _TMPFS_INODES + 2 * len(test_inputs),
                 "cgroup": str(cgroup) if cgroup else None,
                 "memory_bytes": limits.memory_mb * _MIB,
                 "wall_time_s": limits.wall_time_s,
