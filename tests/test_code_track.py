@@ -70,6 +70,9 @@ def test_taco_rows_become_a_stated_prompt_and_the_code_verifiers_tests_in_both_s
                                          starter="def double(n):\n\t"))
     assert gold == {"inputs": [[2]], "outputs": [[4]], "fn_name": "double"}
     assert "called directly" in prompt and prompt.endswith("```python\ndef double(n):\n```")
+    # Function-call tests without starter code: the instruction names the function, never "standard input".
+    prompt, _ = taco_problem(taco_row("Double n.", {"fn_name": "double", "inputs": [[2]], "outputs": [[4]]}))
+    assert "named `double`" in prompt and "reads the input" not in prompt
 
 
 @pytest.mark.parametrize(

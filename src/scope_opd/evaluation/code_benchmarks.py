@@ -9,8 +9,8 @@ why, and callers drop the row, count it and report it by file and row - it never
 verifier.
 
 **TACO** (``BAAI/TACO``, config ``ALL``; fields ``question``, ``starter_code``, ``input_output``
-(JSON text), ``source``, ``url``, ...). Prompt = the question, a blank line and
-:data:`STDIN_INSTRUCTION` (no starter code) or :data:`STARTER_INSTRUCTION` with the starter code.
+(JSON text), ``source``, ``url``, ...). Prompt = the question, a blank line and the instruction for how its tests run
+the code (:func:`code_prompt`: stdin, or a call of the starter code's / ``fn_name``'s function).
 
 **Codeforces** (paper: "500 TACO problems", not listed). The selection rule, applied by
 :func:`select_codeforces`: TACO's *test* split (disjoint from the training split), in its row
@@ -52,6 +52,7 @@ __all__ = [
     "CODEFORCES_SIZE",
     "LIVECODEBENCH_WINDOW",
     "MalformedTests",
+    "FUNCTION_INSTRUCTION",
     "STARTER_INSTRUCTION",
     "STDIN_INSTRUCTION",
     "build_codeforces_list",
@@ -74,6 +75,12 @@ STARTER_INSTRUCTION = (
     "names: it is called directly with the arguments, not through standard input. Reply with the complete code in a "
     "single ```python code block.\n```python\n{starter_code}\n```"
 )
+FUNCTION_INSTRUCTION = (  # function-call tests without starter code
+    "Write a Python 3 function named `{fn_name}` (top-level, or a method of `class Solution`) that solves the problem: "
+    "it is called directly with the arguments, not through standard input. Reply with the complete code in a single "
+    "```python code block."
+)
+STDIN_STARTER_SUFFIX = "\nStart from this code:\n```python\n{starter_code}\n```"
 CODEFORCES_SIZE = 500
 CODEFORCES_LIST = Path(__file__).resolve().parent.parent / "benchmark_data" / "codeforces_taco_test.json"
 CODEFORCES_RULE = (
@@ -103,12 +110,19 @@ def _check_gold(gold: dict) -> dict:
     return gold
 
 
-def code_prompt(question: str, starter_code: str | None) -> str:
-    """The problem text followed by the stated instruction (:data:`STDIN_INSTRUCTION` / :data:`STARTER_INSTRUCTION`)."""
-    if starter_code and starter_code.strip():
-        instruction = STARTER_INSTRUCTION.format(starter_code=starter_code.strip("\n").rstrip())
+def code_prompt(question: str, starter_code: str | None, fn_name: str | None) -> str:
+    """The problem text, a blank line and the stated instruction for how the tests run the code.
+
+    Function-call tests (``fn_name``): :data:`STARTER_INSTRUCTION` with the starter code, or
+    :data:`FUNCTION_INSTRUCTION` naming the function when there is none. Stdin tests:
+    :data:`STDIN_INSTRUCTION` (plus any starter code).
+    """
+    starter = (starter_code or "").strip("\n").rstrip()
+    if fn_name:
+        instruction = (STARTER_INSTRUCTION.format(starter_code=starter) if starter
+                       else FUNCTION_INSTRUCTION.format(fn_name=fn_name))
     else:
-        instruction = STDIN_INSTRUCTION
+        instruction = STDIN_INSTRUCTION + (STDIN_STARTER_SUFFIX.format(starter_code=starter) if starter else "")
     return f"{question.strip()}\n\n{instruction}"
 
 
@@ -130,7 +144,7 @@ def taco_problem(row: Mapping) -> tuple[str, dict]:
     gold = {"inputs": raw.get("inputs"), "outputs": raw.get("outputs")}
     if raw.get("fn_name"):
         gold["fn_name"] = raw["fn_name"]
-    return code_prompt(question, row.get("starter_code")), _check_gold(gold)
+    return code_prompt(question, row.get("starter_code"), gold.get("fn_name")), _check_gold(gold)
 
 
 def question_sha256(question: str) -> str:
@@ -325,7 +339,7 @@ def livecodebench_problem(row: Mapping) -> tuple[str, dict]:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise MalformedTests(f"functional tests or metadata.func_name unusable ({type(err).__name__}: {err})") from err
         gold = {"fn_name": fn_name, "inputs": inputs, "outputs": outputs}
-    return code_prompt(question, row.get("starter_code")), _check_gold(gold)
+    return code_prompt(question, row.get("starter_code"), gold.get("fn_name")), _check_gold(gold)
 
 
 def livecodebench_problems(description: str, rows: Iterable, *, limit: int | None = None,
