@@ -59,3 +59,20 @@ def tiny_pair_dir(tmp_path_factory, char_tokenizer):
         char_tokenizer.save_pretrained(path)
         paths[name] = str(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_pair_dir):
+    """(student, teacher, tokenizer) loaded from ``tiny_pair_dir``; read-only: copy before training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"])
+    return student, teacher, AutoTokenizer.from_pretrained(tiny_pair_dir["student"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_pair):
+    """(student, tokenizer) of ``tiny_pair``."""
+    student, _, tokenizer = tiny_pair
+    return student, tokenizer

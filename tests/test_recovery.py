@@ -22,21 +22,11 @@ from scope_opd.analysis import (
     run_recovery_analysis,
     truncation_point,
 )
-from scope_opd.analysis.recovery import _continuation_prompts
 from scope_opd.cli import main as scope_main
 from scope_opd.evaluation import Problem, ProblemSet
 from scope_opd.evaluation.sampling import encode_prompts
 
 RATIOS = ("0.2", "0.4", "0.6", "0.8")
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tiny_pair_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"])
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"])
-    return student, teacher, AutoTokenizer.from_pretrained(tiny_pair_dir["student"])
 
 
 @pytest.fixture
@@ -129,17 +119,31 @@ def test_quartiles_need_four_solutions():
 # --- continuation prompts -------------------------------------------------------------------------
 
 
-def test_teacher_continues_the_formatted_prompt_with_the_prefix_as_its_answer(char_tokenizer):
-    import copy
+@pytest.mark.parametrize("style", ["chatml", "r1"])
+def test_teacher_continues_the_students_prompt_ids_with_the_prefix_ids(style):
+    """Greedy, so each continuation can be recomputed alone: it is the teacher's continuation of
+    prompt ids + prefix ids, the prompt as the student saw it (R1: one BOS, not two)."""
+    from helpers import chat_tokenizer
 
-    templated = copy.deepcopy(char_tokenizer)  # the fixture is shared: edit a copy
-    templated.chat_template = "{% for m in messages %}U:{{ m['content'] }}\n{% endfor %}A:"
-    for tok in (char_tokenizer, templated):
-        prompts, prefixes = ["2+2?", "3*3?"], ["step 1\n", ""]
-        texts = _continuation_prompts(tok, prompts, prefixes, apply_chat_template=True)
-        expected = [p + tok(x, add_special_tokens=False)["input_ids"] for p, x in zip(encode_prompts(tok, prompts), prefixes)]
-        assert encode_prompts(tok, texts, apply_chat_template=False) == expected
-    assert texts[0] == "U:2+2?\nA:step 1\n"
+    from conftest import build_tiny_qwen2
+    from scope_opd.evaluation.sampling import SamplingSettings, generate_completions
+
+    tokenizer = chat_tokenizer(style)
+    student, teacher = build_tiny_qwen2(tokenizer, seed=0), build_tiny_qwen2(tokenizer, hidden_size=48, seed=1)
+    problems = ProblemSet("tiny", [Problem(f"p{i}", f"{i}+{i}?", str(2 * i)) for i in range(2)], verifier="math")
+    settings = RecoverySettings(samples_per_problem=2, completions_per_prefix=1, ratios=(0.5,), temperature=0.0,
+                                max_new_tokens=12, batch_size=8, verifier_workers=1)
+    results = run_recovery_analysis(student, teacher, tokenizer, problems, settings, progress=False)
+    for record in results["solutions"]:
+        prompt_ids = encode_prompts(tokenizer, [problems.problems[record["problem_index"]].prompt])[0]
+        if style == "r1":
+            assert prompt_ids.count(tokenizer.bos_token_id) == 1
+        truncation = record["truncations"]["0.5"]
+        prefix = record["solution"][: truncation["cut_chars"]]
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=12, batch_size=1)
+        ((alone,),) = generate_completions(teacher, tokenizer, [prompt_ids + prefix_ids], greedy, progress=False)
+        assert truncation["continuations"][0]["text"] == alone.text
 
 
 # --- the whole study ------------------------------------------------------------------------------
@@ -164,12 +168,13 @@ def test_table7_study_in_process_scores_ppl_on_response_tokens_and_continues_eve
     ppl_ranges = [(b["min_ppl"], b["max_ppl"]) for b in results["buckets"]]
     assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(ppl_ranges, ppl_ranges[1:]))
 
-    # Teacher PPL recomputed by a plain forward: prompt excluded, EOS included when the student emitted it.
+    # Teacher PPL recomputed by a plain forward on the ids the student sampled: prompt excluded,
+    # EOS included when the student emitted it.
     for record in results["solutions"]:
         prompt = encode_prompts(tokenizer, [problems.problems[record["problem_index"]].prompt])[0]
-        completion = tokenizer(record["solution"], add_special_tokens=False)["input_ids"]
-        if record["finished"]:
-            completion = completion + [tokenizer.eos_token_id]
+        completion = record["token_ids"]
+        assert tokenizer.decode(completion, skip_special_tokens=True) == record["solution"]
+        assert (completion[-1] == tokenizer.eos_token_id) == record["finished"]
         with torch.no_grad():
             logits = teacher(torch.tensor([prompt + completion])).logits[0].double()
         logp = logits.log_softmax(-1)[len(prompt) - 1 : -1].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)

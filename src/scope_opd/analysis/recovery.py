@@ -18,12 +18,9 @@ is as a distillation signal. One run is, top to bottom:
 
 Decisions the paper leaves open, all made here:
 
-* **Response tokens.** The solution text is re-encoded with the shared tokenizer
-  (``generate_completions`` returns text); the tokenizer's EOS token is scored
-  too when the student stopped by itself, as in training, where EOS is a
-  completion token. With a
-  byte-level BPE the re-encoding is the canonical tokenisation of the text,
-  which in rare cases differs from the ids the student sampled.
+* **Response tokens.** The teacher scores the ids the student sampled
+  (``Completion.token_ids``), its EOS included when it stopped by itself, as in
+  training, where EOS is a completion token; nothing is re-encoded from text.
 * **Truncation** (:func:`truncation_point`): lengths are in characters; the cut
   goes just *after* a newline (the prefix ends with it, so the teacher starts a
   new step) and the prefix is always shorter than the solution. The newline
@@ -41,9 +38,11 @@ Decisions the paper leaves open, all made here:
   error treats solutions as independent.
 * Solutions whose teacher log-probs are not all finite, or that have no token to
   score, are left out and counted.
-* **Prompts of the continuation.** The teacher sees the student's prompt,
-  formatted as for sampling (chat template of the shared tokenizer), followed by
-  the prefix as the start of its own answer.
+* **Prompts of the continuation.** The teacher is given the student's prompt ids
+  (the ones the student was sampled from: chat template of the shared tokenizer)
+  followed by the prefix's ids as the start of its own answer, as token ids, so no
+  BOS is doubled and the prompt is not re-tokenised. The prefix is cut in characters
+  (above) and encoded alone, without special tokens.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ from fractions import Fraction
 
 from .. import __version__
 from ..evaluation.benchmarks import ProblemSet
-from ..evaluation.sampling import SamplingSettings, encode_prompts, format_prompts, generate_completions
+from ..evaluation.sampling import SamplingSettings, encode_prompts, generate_completions
 
 __all__ = [
     "BUCKETS",
@@ -147,7 +146,7 @@ class RecoverySettings:
         )
 
     def teacher_sampling(self) -> SamplingSettings:
-        # The continuation prompts arrive already formatted (chat template + prefix).
+        # The continuation prompts arrive as token ids (the student's prompt ids), so no template applies.
         return replace(
             self.student_sampling(),
             n=self.completions_per_prefix,
@@ -255,24 +254,6 @@ def _say(message: str, progress: bool) -> None:
         print(f"[recovery] {message}", file=sys.stderr, flush=True)
 
 
-def _continuation_prompts(tokenizer, prompts: Sequence[str], prefixes: Sequence[str], apply_chat_template: bool) -> list[str]:
-    """Prompt text + prefix, to be encoded the way ``encode_prompts`` encodes raw text (special tokens on).
-
-    A chat template writes its own BOS; a tokenizer that also adds one itself
-    (Llama-style, DeepSeek-R1-Distill) would double it, so the template's is dropped.
-    """
-    formatted = format_prompts(tokenizer, prompts, apply_chat_template)
-    templated = apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    bos = getattr(tokenizer, "bos_token", None)
-    adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
-    out = []
-    for text, prefix in zip(formatted, prefixes):
-        if templated and adds_bos and text.startswith(bos):
-            text = text[len(bos) :]
-        out.append(text + prefix)
-    return out
-
-
 def _mean_and_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -344,8 +325,9 @@ def run_recovery_analysis(
         prompts = [p.prompt for p in problems.problems]
         _say(f"student samples {settings.samples_per_problem} solutions for each of {len(prompts)} problems", progress)
         start = time.perf_counter()
+        prompt_ids = encode_prompts(tokenizer, prompts, settings.apply_chat_template)
         sampled = generate_completions(
-            student, tokenizer, prompts, settings.student_sampling(), progress=progress, desc="student solutions"
+            student, tokenizer, prompt_ids, settings.student_sampling(), progress=progress, desc="student solutions"
         )
         timing["student_sampling"] = time.perf_counter() - start
         flat = [(p_index, s_index, c) for p_index, row in enumerate(sampled) for s_index, c in enumerate(row)]
@@ -365,12 +347,7 @@ def run_recovery_analysis(
         _check_enough(len(incorrect), counts, what="incorrect")
 
         # 2. Teacher perplexity of each incorrect solution, response tokens only.
-        prompt_ids = encode_prompts(tokenizer, prompts, settings.apply_chat_template)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        completion_ids = []
-        for _, _, completion in incorrect:
-            ids = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
-            completion_ids.append(ids + eos if completion.finished else ids)
+        completion_ids = [list(completion.token_ids) for _, _, completion in incorrect]
         start = time.perf_counter()
         scored = teacher_perplexities(
             teacher,
@@ -401,6 +378,7 @@ def run_recovery_analysis(
                     "num_tokens": completion.num_tokens,
                     "finished": completion.finished,
                     "scored_tokens": len(ids),
+                    "token_ids": ids,
                     "teacher_nll": nll,
                     "teacher_ppl": ppl,
                     "bucket": BUCKETS[bucket],
@@ -441,14 +419,10 @@ def run_recovery_analysis(
         counts["prefixes"] = len(jobs)
         counts["continuations"] = len(jobs) * settings.completions_per_prefix
         teacher_settings = settings.teacher_sampling()
-        continuation_prompts = _continuation_prompts(
-            tokenizer,
-            [prompts[solutions[i]["problem_index"]] for i, _, _ in jobs],
-            [prefix for _, _, prefix in jobs],
-            settings.apply_chat_template,
-        )
+        continuation_prompts = [prompt_ids[solutions[i]["problem_index"]] for i, _, _ in jobs]
+        prefix_ids = [tokenizer(prefix, add_special_tokens=False)["input_ids"] for _, _, prefix in jobs]
         # Longest first, so each generate batch holds prompts of similar length (less padding).
-        order = sorted(range(len(jobs)), key=lambda j: -len(continuation_prompts[j]))
+        order = sorted(range(len(jobs)), key=lambda j: -(len(continuation_prompts[j]) + len(prefix_ids[j])))
         _say(
             f"teacher continues {len(jobs)} prefixes x {settings.completions_per_prefix} "
             f"(ratios {', '.join(map(ratio_key, settings.ratios))})",
@@ -460,6 +434,7 @@ def run_recovery_analysis(
             tokenizer,
             [continuation_prompts[j] for j in order],
             teacher_settings,
+            prefixes=[prefix_ids[j] for j in order],
             progress=progress,
             desc="teacher continuations",
         )
