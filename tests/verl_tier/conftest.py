@@ -6,5 +6,14 @@ the tier script runs it with verl present, where a missing plugin or changed int
 
 import importlib.util
 
+import pytest
+
 if importlib.util.find_spec("verl") is None:
     collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session")
+def paper_config():
+    from verl_batch import compose_config
+
+    return compose_config()
