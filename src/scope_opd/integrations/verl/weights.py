@@ -45,6 +45,10 @@ def response_teacher_logprobs(data: TensorDict) -> torch.Tensor:
             f"teacher_logprobs has {teacher.size(-1)} log-probs per position: the 'scope' loss needs the "
             "sampled token's only (a use_estimator loss; do not combine with top-k distillation)"
         )
+    if not teacher.is_nested:
+        # verl's batching stacks equal-length samples into a plain [B, P + R, 1] tensor (no padding inside);
+        # flattened, it is the (total_nnz, 1) form no_padding_2_padding reads with the attention mask.
+        teacher = teacher.reshape(-1, *teacher.shape[2:])
     out = no_padding_2_padding(teacher, data)
     return out.squeeze(-1) if out.dim() == 3 else out
 
