@@ -180,7 +180,7 @@ def test_a_row_missing_a_field_is_an_error_naming_file_and_row(tmp_path):
     datasets.Dataset.from_list([{"problem": "a", "answer": "1"}, {"problem": "b", "answer": None}]).to_parquet(
         str(parquet)
     )
-    with pytest.raises(ValueError, match=r"bad\.parquet.*row 1: missing field 'answer'"):
+    with pytest.raises(ValueError, match=r"bad\.parquet.*row 1: field 'answer' is null"):  # present, but null
         load_problems(parquet)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"problem": "a", "answer": "1"}\n{"problem": \n')
