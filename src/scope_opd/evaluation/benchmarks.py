@@ -52,6 +52,7 @@ __all__ = [
     "normalize_olympiad_answer",
     "read_rows",
     "registry_table",
+    "reject_non_finite",
 ]
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -283,7 +284,8 @@ def registry_table() -> str:
     ]
     for s in BENCHMARKS.values():
         answer = s.answer_field or "(whole row)"
-        cells = [s.name, f"{s.hf_id} [{s.split}]", s.prompt_field, answer, s.verifier, str(s.num_problems), s.notes]
+        count = str(s.num_problems) if s.num_problems else "by date"
+        cells = [s.name, f"{s.hf_id} [{s.split}]", s.prompt_field, answer, s.verifier, count, s.notes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
