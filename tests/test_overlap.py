@@ -1,7 +1,8 @@
-"""Teacher scoring overlapped with chunked generation: the same weights and loss as the synchronous path.
+"""Teacher scoring overlapped with generation: the same weights and loss as the synchronous path.
 
-The synchronous baseline is the same chunked generation (rollout_chunk_groups) with the teacher
-called after the whole batch, so the sampled tokens are the same and "same results" is exact.
+Streamed (transformers generate, rows sent at EOS): the synchronous baseline is TRL's own path.
+Chunked (rollout_chunk_groups): the baseline is the same chunked generation with the teacher
+called after the whole batch. Either way the sampled tokens are the same and "same results" is exact.
 Teachers are real: ``scope serve-teacher`` (in a thread of this process, one row per forward, so
 each row's scores do not depend on which rows share its forward) and the in-process teacher.
 """
@@ -29,6 +30,9 @@ PROMPTS = ["Add 12+7.\n", "Add 30+45.\n", "Add 9+9.\n", "Add 61+22.\n", "Add 5+8
 ANSWERS = ["19", "75", "18", "83", "13", "42"]
 G = 4
 GROUPS = 3  # prompt groups per generation batch: 3 chunks of one group each
+EOS = 1  # the char tokenizer's <|endoftext|>
+# The tiny random student rarely samples EOS; a bias makes rows end at different steps, as real rollouts do.
+EARLY_EOS = {"sequence_bias": [[[EOS], 2.5]]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,6 +72,7 @@ def make_trainer(tmp_path, tiny_pair_dir, *, teacher=None, verifier=None, **over
         output_dir=str(tmp_path / "out"), algorithm="scope", per_device_train_batch_size=GROUPS * G, num_generations=G,
         max_completion_length=8, max_steps=2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
         bf16=False, seed=0, temperature=1.0, learning_rate=1e-2, dataloader_num_workers=0, rollout_chunk_groups=1,
+        generation_kwargs=EARLY_EOS,
     )
     args.update(overrides)
     if teacher is None and "teacher_server_url" in args:
@@ -136,6 +141,53 @@ def test_overlapped_server_teacher_gives_the_synchronous_weights_loss_and_update
     assert logged(overlapped, "scope/teacher_prefetch_missed_rows") == [0.0, 0.0]
     # The chunk verifier's results were reused by TRL's reward pass: each rollout verified once.
     assert verifiers[0].verified == verifiers[1].verified == 2 * GROUPS * G
+
+
+def test_streamed_overlap_gives_trls_own_tokens_weights_loss_and_update(tmp_path, tiny_pair_dir, one_row_server):
+    """rollout_chunk_groups=0: one generate call, each row verified and sent to the teacher when it emits EOS."""
+    url = one_row_server.url
+    verifiers = CountingVerifier(), CountingVerifier()
+    sync = train(make_trainer(tmp_path / "sync", tiny_pair_dir, teacher_server_url=url, verifier=verifiers[0],
+                              rollout_chunk_groups=0))
+    streamed = train(make_trainer(tmp_path / "stream", tiny_pair_dir, teacher_server_url=url, teacher_overlap=True,
+                                  verifier=verifiers[1], rollout_chunk_groups=0))
+    assert_same_training(sync, streamed)
+    lengths = sync.generation_batches[0]["completion_mask"].sum(1)
+    assert lengths.min() < lengths.max(), "rows should finish at different steps"
+    incorrect = [int((~b["scope_correct"] & b["completion_mask"].any(1)).sum()) for b in streamed.generation_batches]
+    assert logged(streamed, "scope/teacher_prefetched_rows") == [float(n) for n in incorrect]
+    assert logged(streamed, "scope/teacher_prefetch_missed_rows") == [0.0, 0.0]
+    assert verifiers[0].verified == verifiers[1].verified == 2 * GROUPS * G
+
+
+def test_streamed_rows_reach_the_teacher_while_the_batch_is_still_generating(tmp_path, tiny_pair_dir, one_row_server,
+                                                                             monkeypatch):
+    generating, asked_during_generation = threading.Event(), []
+    original = GRPOTrainer._generate_single_turn
+
+    def generate(trainer, *args, **kwargs):
+        generating.set()
+        try:
+            return original(trainer, *args, **kwargs)
+        finally:
+            generating.clear()
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
+    for overlap in (True, False):
+        trainer = make_trainer(tmp_path / str(overlap), tiny_pair_dir, teacher_server_url=one_row_server.url,
+                               teacher_overlap=overlap, rollout_chunk_groups=0, max_steps=1,
+                               max_completion_length=32)  # long enough that early rows' answers come back mid-batch
+        score = trainer.teacher.score
+        calls = []
+
+        def recording_score(prompt_ids, completion_ids, score=score, calls=calls):
+            calls.append(generating.is_set())
+            return score(prompt_ids, completion_ids)
+
+        trainer.teacher.score = recording_score
+        train(trainer)
+        asked_during_generation.append(any(calls))
+    assert asked_during_generation == [True, False]
 
 
 @pytest.mark.parametrize("algorithm", ["scope", "opd"])

@@ -185,13 +185,16 @@ class SCOPEConfig(GRPOConfig):
     teacher_overlap: bool = field(
         default=False,
         metadata={
-            "help": "scope/opd with rollout_chunk_groups >= 1: verify each chunk as soon as it is generated and score its "
-            "teacher rows in the background while the next chunks generate. Same weights and loss as without it, over "
-            "the same chunks. Off by default: chunking changes the samples and can slow generation more than it saves."
+            "help": "scope/opd: verify each rollout as soon as it is complete (transformers generate: when it emits EOS; "
+            "with rollout_chunk_groups: when its chunk is done) and score the teacher's rows in the background while the "
+            "rest of the batch generates. Same weights and loss as without it. Off by default: it needs plain reward "
+            "callables, and an in-process teacher on the student's device competes with generation."
         },
     )
-    teacher_overlap_max_pending: int = field(
-        default=2, metadata={"help": "Chunks submitted to the teacher and not yet scored before generation waits."}
+    teacher_overlap_max_pending_rows: int = field(
+        default=0,
+        metadata={"help": "Rows sent to the overlapped teacher and not yet scored before generation waits (0: no limit "
+                          "beyond the generation batch)."},
     )
     # ---- end overlap / rollout log-probs
 
@@ -460,7 +463,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     _rollout_rows = None  # the dataset rows of the generation batch being generated (gold answers)
     _teacher_prefetch = None  # TeacherPrefetch of the current generation batch
-    _chunk_rewards = None  # each chunk's verification, for TRL's reward pass to reuse
+    _early_rewards = None  # EarlyVerifier of the current batch, for TRL's reward pass to reuse
 
     def _prepare_inputs(self, generation_batch):
         self._rollout_rows = generation_batch if isinstance(generation_batch, list) else None
@@ -471,26 +474,39 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         rows, self._rollout_rows = self._rollout_rows, None  # a batch's first turn only (not tool follow-ups)
-        chunked = (
-            self.args.rollout_chunk_groups > 0 and self.model.training and rows is not None and len(rows) == len(prompt_ids)
-            and images is None and not multimodal_fields and not self.tools and self.rollout_func is None
+        args = self.args
+        first_turn = (
+            self.model.training and rows is not None and len(rows) == len(prompt_ids) and images is None
+            and not multimodal_fields and not self.tools and self.rollout_func is None
         )
-        if not chunked:
+        if not first_turn or not (args.rollout_chunk_groups > 0 or args.teacher_overlap):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         self._check_overlap_config()
-        from .teachers.overlap import generate_in_chunks
+        from .teachers.overlap import early_verification_supported, generate_in_chunks, generate_streaming
 
         if self._teacher_prefetch is not None:  # a batch whose teacher pass never ran (it raised, or had no rows)
             self._teacher_prefetch.close()
             self._teacher_prefetch = None
-        return generate_in_chunks(self, super()._generate_single_turn, prompt_ids, images, multimodal_fields,
-                                  num_generations, has_tool_images, rows)
+        if args.teacher_overlap and not early_verification_supported(self):
+            warnings.warn("teacher_overlap: reward models and async reward functions are verified by TRL's own pass, "
+                          "after generation; the teacher is not overlapped", stacklevel=2)
+        elif args.rollout_chunk_groups > 0:
+            return generate_in_chunks(self, super()._generate_single_turn, prompt_ids, images, multimodal_fields,
+                                      num_generations, has_tool_images, rows)
+        elif not (self.use_vllm or self.use_transformers_continuous_batching):
+            # transformers' generate: each row goes to the verifier and the teacher as soon as it emits EOS.
+            return generate_streaming(self, super()._generate_single_turn, prompt_ids, images, multimodal_fields,
+                                      num_generations, has_tool_images, rows)
+        else:
+            warnings.warn("teacher_overlap with vLLM or continuous batching returns the batch at once: set "
+                          "rollout_chunk_groups to overlap the teacher with later chunks", stacklevel=2)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
 
     def _check_overlap_config(self):
         args = self.args
-        if args.rollout_chunk_groups < 0 or args.teacher_overlap_max_pending < 1:
-            raise ValueError(f"rollout_chunk_groups must be >= 0 and teacher_overlap_max_pending >= 1, got "
-                             f"{args.rollout_chunk_groups}, {args.teacher_overlap_max_pending}")
+        if args.rollout_chunk_groups < 0 or args.teacher_overlap_max_pending_rows < 0:
+            raise ValueError(f"rollout_chunk_groups and teacher_overlap_max_pending_rows must be >= 0, got "
+                             f"{args.rollout_chunk_groups}, {args.teacher_overlap_max_pending_rows}")
         if args.teacher_overlap and self.teacher is None:
             raise ValueError(f"teacher_overlap needs a teacher (algorithm 'scope' or 'opd'), got algorithm={args.algorithm!r}")
         if args.teacher_overlap and getattr(self.teacher, "synced_ranks", False):
@@ -499,7 +515,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     def _rewards_from_chunks_or(self, calculate):
         """TRL's reward pass, or the chunks' verification when it verified these same completions."""
-        if self._chunk_rewards is None:
+        if self._early_rewards is None:
             return calculate
 
         def reuse(inputs, prompts, completions, completion_ids_list):

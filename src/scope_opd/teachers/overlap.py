@@ -1,89 +1,125 @@
-"""Teacher scoring overlapped with generation: a group's teacher requests leave while later groups generate.
+"""Teacher scoring overlapped with generation: a rollout goes to the teacher while the rest of the batch generates.
 
 TRL's GRPOTrainer generates a whole generation batch in one call, then verifies it, and only then
 can SCOPE ask the teacher about the incorrect rollouts: the teacher's time adds to the step. With
-``rollout_chunk_groups = k`` the trainer generates the batch ``k`` prompt groups at a time
-(:func:`generate_in_chunks`); with ``teacher_overlap`` it verifies each chunk as soon as it is
-generated and hands the rows the teacher will need to :class:`TeacherPrefetch`, which scores them
-on one background thread while the next chunks generate. The trainer then waits only for what is
-still in flight after the last chunk (and the old-log-prob forward runs meanwhile too).
+``teacher_overlap`` the trainer verifies each rollout as soon as it is complete and hands the rows
+the teacher will need to :class:`TeacherPrefetch`, which scores them on one background thread:
+
+* transformers ``generate`` (:func:`generate_streaming`): a forward hook on the student's input
+  embeddings sees each sampled token as it is fed back, so a row is verified and sent the moment
+  it emits EOS (verl's "each rollout as soon as it finishes"). Generation itself is TRL's one call,
+  untouched: same tokens, same RNG stream.
+* vLLM (which returns the batch at once) or any engine, with ``rollout_chunk_groups = k``
+  (:func:`generate_in_chunks`): the batch is generated ``k`` prompt groups at a time and each chunk
+  is verified and sent when it is done. Chunks sample other tokens than one call (RNG stream,
+  padding) and decode in smaller batches, which costs generation throughput.
+
+The trainer then waits only for what is still in flight after generation (the old-log-prob
+forward runs meanwhile too).
 
 Exactness: the prefetch is only a cache. When the trainer asks for a row's teacher log-probs, a
 prefetched result is used only if it was computed for exactly the same prompt and completion token
 ids; any other row (a verdict rule that changed, a truncated completion that TRL masked) is scored
 then and there, synchronously. So for a teacher that scores each row independently of the others
 (a server scoring one row per request: ``ServerTeacher``'s default) the weights and the loss are
-the same as on the synchronous path over the same chunked generation; an in-process teacher that
-batches rows differently may differ by float rounding. The verifier's results for each chunk are
-kept and handed to TRL's own reward pass when the completions it verifies are the same, so the
-verifier runs once per rollout, as before.
+the same as on the synchronous path; an in-process teacher that batches rows differently may
+differ by float rounding. The verifier's results are kept and handed to TRL's own reward pass when
+it verifies the same completions, so the verifier runs once per rollout, as before.
 
 Bounds: one background thread (so an in-process teacher's model is never used by two threads),
-at most ``max_pending`` chunks submitted and not yet scored (generation waits for a slot: memory
-is at most that many chunks' token ids plus the results the synchronous path would hold too), and
-a server teacher's own ``max_concurrency`` requests in flight. A teacher error (a server killed
-for good, too slow, malformed) is raised in the training step as on the synchronous path, as soon
-as it is known: at the next chunk, or when the trainer waits.
+whose next ``teacher.score`` call takes every row queued meanwhile (a server sees as many rows as it
+can batch, up to the client's ``max_concurrency`` requests in flight); rows queued are at most one
+generation batch's (or ``max_pending_rows``). A teacher error (a server killed for good, too slow,
+malformed) is raised in the training step as on the synchronous path, as soon as it is known: at the
+next submission, or when the trainer waits.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
-__all__ = ["TeacherPrefetch", "cached_rewards", "generate_in_chunks"]
+__all__ = ["EarlyVerifier", "TeacherPrefetch", "cached_rewards", "generate_in_chunks", "generate_streaming"]
 
 
 class TeacherPrefetch:
     """Scores submitted rows on one background thread; :meth:`scores` returns them keyed by row.
 
+    Submissions queued while the thread is busy are scored together in its next ``teacher.score``
+    call, so a server sees as many concurrent rows as it can batch.
+
     Args:
         teacher: any :class:`~scope_opd.teachers.TeacherScorer`.
-        max_pending: chunks submitted but not yet scored; :meth:`submit` blocks while that many are.
+        max_pending_rows: rows submitted and not yet scored before :meth:`submit` waits for the
+            teacher; 0: no limit (the rows of one generation batch, whose ids the trainer holds anyway).
     """
 
-    def __init__(self, teacher, *, max_pending: int = 2) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    def __init__(self, teacher, *, max_pending_rows: int = 0) -> None:
+        if max_pending_rows < 0:
+            raise ValueError(f"max_pending_rows must be >= 0, got {max_pending_rows}")
         self.teacher = teacher
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-overlap")
-        self._slots = threading.BoundedSemaphore(max_pending)
+        self.max_pending_rows = max_pending_rows
+        self._cond = threading.Condition()
+        self._queue: list[tuple[list[int], list[list[int]], list[list[int]], Future]] = []
+        self._pending_rows = 0
+        self._closed = False
         self._submitted: list[tuple[list[int], list[list[int]], list[list[int]], Future]] = []
-        self._busy_lock = threading.Lock()
         self.busy_seconds = 0.0  # time the background thread spent scoring
         self.prefetched_rows = 0
         self.missed_rows = 0
+        self._thread = threading.Thread(target=self._run, name="teacher-overlap", daemon=True)
+        self._thread.start()
 
     def submit(self, rows: list[int], prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> None:
-        """Queue ``rows`` (batch row numbers) for scoring; raises a failure of an earlier chunk first."""
+        """Queue ``rows`` (batch row numbers) for scoring; raises a failure of an earlier submission first."""
         self.raise_if_failed()
         if not rows:
             return
-        self._slots.acquire()
-        try:
-            future = self._pool.submit(self._score, prompt_ids, completion_ids)
-        except BaseException:
-            self._slots.release()
-            raise
-        future.add_done_callback(lambda _: self._slots.release())
+        future: Future = Future()
+        with self._cond:
+            while self.max_pending_rows and self._pending_rows and self._pending_rows + len(rows) > self.max_pending_rows:
+                self._cond.wait(timeout=1.0)
+                if self._closed:
+                    raise RuntimeError("teacher prefetch is closed")
+            self._queue.append((rows, prompt_ids, completion_ids, future))
+            self._pending_rows += len(rows)
+            self._cond.notify_all()
         self._submitted.append((rows, prompt_ids, completion_ids, future))
 
-    def _score(self, prompt_ids, completion_ids) -> list[torch.Tensor]:
-        start = time.perf_counter()
-        try:
-            scored = self.teacher.score(prompt_ids, completion_ids)
-        finally:
-            with self._busy_lock:
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            prompts = [p for _, ps, _, _ in batch for p in ps]
+            completions = [c for _, _, cs, _ in batch for c in cs]
+            start = time.perf_counter()
+            try:
+                scored = self.teacher.score(prompts, completions)
+                if len(scored) != len(prompts):
+                    raise RuntimeError(f"teacher returned {len(scored)} rows for {len(prompts)} requested")
+            except BaseException as exc:  # handed to the trainer, which raises it in the training step
+                for *_, future in batch:
+                    future.set_exception(exc)
+            else:
+                offset = 0
+                for rows, *_, future in batch:
+                    future.set_result(scored[offset : offset + len(rows)])
+                    offset += len(rows)
+            finally:
                 self.busy_seconds += time.perf_counter() - start
-        if len(scored) != len(prompt_ids):
-            raise RuntimeError(f"teacher returned {len(scored)} rows for {len(prompt_ids)} requested")
-        return scored
+                with self._cond:
+                    self._pending_rows -= sum(len(rows) for rows, *_ in batch)
+                    self._cond.notify_all()
 
     def raise_if_failed(self) -> None:
-        """Re-raise the error of a chunk that already failed (the teacher's own exception, unchanged)."""
+        """Re-raise the error of a submission that already failed (the teacher's own exception, unchanged)."""
         for *_, future in self._submitted:
             if future.done() and not future.cancelled() and future.exception() is not None:
                 self.close()
@@ -98,7 +134,7 @@ class TeacherPrefetch:
         prefetched: dict[int, tuple[list[int], list[int], torch.Tensor]] = {}
         for submitted_rows, prompts, completions, future in self._submitted:
             try:
-                scored = future.result()
+                scored = future.result()  # a queued submission whose call has not started is waited for too
             except BaseException:
                 self.close()
                 raise
@@ -125,8 +161,15 @@ class TeacherPrefetch:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Drop queued chunks and wait for the one being scored (bounded by the teacher's own timeouts)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Drop what is queued and wait for the call in progress (bounded by the teacher's own timeouts)."""
+        with self._cond:
+            self._closed = True
+            dropped, self._queue = self._queue, []
+            self._cond.notify_all()
+        for *_, future in dropped:
+            future.cancel()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 def _decode_like_trl(trainer, prompts, completion_ids):
@@ -143,7 +186,7 @@ def _decode_like_trl(trainer, prompts, completion_ids):
 
 
 def _local_verdicts(trainer, rewards_per_func: torch.Tensor) -> torch.Tensor:
-    """``[n]`` bool correct/incorrect of a chunk's local rows, by the trainer's verdict rule."""
+    """``[n]`` bool correct/incorrect of rows on this process, by the trainer's verdict rule."""
     index = getattr(trainer, "verdict_reward_index", None)
     if index is not None:
         scores = rewards_per_func[:, index]
@@ -154,85 +197,190 @@ def _local_verdicts(trainer, rewards_per_func: torch.Tensor) -> torch.Tensor:
     return (torch.nan_to_num(scores.float(), nan=float("-inf")) >= trainer.args.correct_threshold - 1e-6) & ~unscorable
 
 
-def generate_in_chunks(trainer, generate, prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows):
-    """TRL's ``_generate_single_turn`` over chunks of whole prompt groups, verifying and prefetching each.
+def early_verification_supported(trainer) -> bool:
+    """Plain synchronous reward callables only: reward models and async rewards stay with TRL's own pass."""
+    from trl.trainer.utils import is_async_callable
 
-    Args:
-        trainer: the :class:`~scope_opd.trainer.SCOPETrainer`.
-        generate: TRL's ``_generate_single_turn`` (bound), called once per chunk.
-        rows: the generation batch's dataset rows (gold answers for the verifier), one per prompt.
+    return all(not isinstance(f, torch.nn.Module) and not is_async_callable(f) for f in trainer.reward_funcs)
+
+
+class EarlyVerifier:
+    """Verifies rows of a generation batch as soon as they are complete and sends the teacher the rows it will need.
+
+    Keeps each row's rewards (this process's rows, ``[F]`` per row, as TRL's reward pass would
+    compute them) so that pass can reuse them (:func:`cached_rewards`).
+    """
+
+    def __init__(self, trainer, rows, prompt_ids, prefetch: TeacherPrefetch | None):
+        self.trainer, self.rows, self.prompt_ids, self.prefetch = trainer, rows, prompt_ids, prefetch
+        self.results: dict[int, tuple[list[int], object, torch.Tensor]] = {}
+        self.eos_and_pad = [*trainer.eos_token_ids, trainer._tokenizer.pad_token_id]
+        self.enabled = True
+
+    def dispatch(self, row_numbers: list[int], completion_ids: list[list[int]]) -> None:
+        """Verify these finished rows (batch row numbers) and submit the teacher rows among them."""
+        if not self.enabled or not row_numbers:
+            return
+        trainer = self.trainer
+        start = time.perf_counter()
+        inputs = [self.rows[r] for r in row_numbers]
+        prompts = [row["prompt"] for row in inputs]
+        completions = _decode_like_trl(trainer, prompts, completion_ids)
+        if completions is None:
+            self.enabled = False
+            return
+        rewards = self._rewards(inputs, prompts, completions, completion_ids)
+        for r, ids, completion, reward in zip(row_numbers, completion_ids, completions, rewards):
+            self.results[r] = (list(ids), completion, reward)
+        correct = _local_verdicts(trainer, rewards).tolist()
+        wanted = [
+            j for j, ids in enumerate(completion_ids)
+            if len(ids) and (trainer.args.algorithm == "opd" or not correct[j])
+            and not (trainer.mask_truncated_completions and ids[-1] not in self.eos_and_pad)
+        ]
+        # Verification belongs to the "reward" phase, not to "generation" (which times the whole call).
+        seconds = time.perf_counter() - start
+        trainer._phase_seconds["reward"] += seconds
+        trainer._phase_seconds["generation"] -= seconds
+        if self.prefetch is not None:
+            self.prefetch.submit([row_numbers[j] for j in wanted], [list(self.prompt_ids[row_numbers[j]]) for j in wanted],
+                                 [list(completion_ids[j]) for j in wanted])
+
+    def _rewards(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
+        """``[n, F]`` rewards of these rows on this process: TRL's call convention, without its gather."""
+        trainer = self.trainer
+        keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
+        kwargs = {key: [row[key] for row in inputs] for key in keys}
+        kwargs.update(trainer_state=trainer.state, log_extra=trainer._log_completion_extra, log_metric=trainer._log_metric)
+        out = torch.zeros(len(inputs), len(trainer.reward_funcs))
+        for i, (func, name) in enumerate(zip(trainer.reward_funcs, trainer.reward_func_names)):
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+            values = [torch.nan if v is None else v for v in values]
+            if len(values) != len(prompts):
+                raise ValueError(f"The reward function '{name}' returned {len(values)} rewards, but {len(prompts)} were "
+                                 "expected (one per prompt-completion pair)")
+            out[:, i] = torch.tensor(values, dtype=torch.float32)
+        return out
+
+
+class _FinishedRows:
+    """Forward hook on the student's input embeddings during ``generate``: reports rows as they emit EOS.
+
+    ``generate`` feeds the token sampled at step ``t`` back as the input of step ``t + 1`` (one per
+    row; finished rows are fed padding), so the embeddings see every completion token but the
+    last step's. Rows finishing at the last step, or never, are left to :meth:`EarlyVerifier.dispatch`
+    after the call. Anything other than one new token per row (speculative decoding) switches the hook off.
+    """
+
+    def __init__(self, n_rows: int, eos_token_ids, on_finished):
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        self.done = [False] * n_rows
+        self.eos = set(eos_token_ids)
+        self.on_finished = on_finished
+        self.calls = 0
+        self.active = True
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == 1 or not self.active:
+            return  # the prefill: the prompts
+        input_ids = args[0] if args else None
+        if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape == (len(self.done), 1)):
+            self.active = False
+            return
+        finished = []
+        for row, token in enumerate(input_ids[:, 0].tolist()):
+            if self.done[row]:
+                continue
+            self.tokens[row].append(token)
+            if token in self.eos:
+                self.done[row] = True
+                finished.append(row)
+        if finished:
+            self.on_finished(finished, [self.tokens[row] for row in finished])
+
+
+def _start(trainer, rows, prompt_ids) -> EarlyVerifier:
+    args = trainer.args
+    prefetch = TeacherPrefetch(trainer.teacher, max_pending_rows=args.teacher_overlap_max_pending_rows) if args.teacher_overlap else None
+    return EarlyVerifier(trainer, rows, prompt_ids, prefetch)
+
+
+def _finish(trainer, verifier: EarlyVerifier, completion_ids) -> None:
+    """Verify the rows not verified yet, and leave the prefetch and the rewards to the steps after generation."""
+    remaining = [r for r in range(len(completion_ids)) if r not in verifier.results]
+    verifier.dispatch(remaining, [list(completion_ids[r]) for r in remaining])
+    trainer._teacher_prefetch = verifier.prefetch
+    trainer._early_rewards = verifier if verifier.enabled else None
+
+
+def generate_in_chunks(trainer, generate, prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows):
+    """TRL's ``_generate_single_turn`` over chunks of ``rollout_chunk_groups`` prompt groups, verified one by one.
 
     Returns ``(completion_ids, logprobs)`` as one call would: per-row lists, concatenated in order.
-    Sets ``trainer._teacher_prefetch`` (a :class:`TeacherPrefetch`, or ``None``) and
-    ``trainer._chunk_rewards`` (what each chunk's verification returned) for the steps after.
     """
-    from trl import GRPOTrainer
-
-    args = trainer.args
-    chunk_rows = args.rollout_chunk_groups * num_generations
+    chunk_rows = trainer.args.rollout_chunk_groups * num_generations
     completion_ids: list = []
     logprobs: list | None = []
-    chunk_rewards = []
-    prefetch = TeacherPrefetch(trainer.teacher, max_pending=args.teacher_overlap_max_pending) if args.teacher_overlap else None
-    eos_and_pad = [*trainer.eos_token_ids, trainer._tokenizer.pad_token_id]
+    verifier = _start(trainer, rows, prompt_ids)
     try:
         for start in range(0, len(prompt_ids), chunk_rows):
             end = min(start + chunk_rows, len(prompt_ids))
             ids, lps = generate(prompt_ids[start:end], images, multimodal_fields, num_generations, has_tool_images)
             completion_ids.extend(ids)
             logprobs = None if lps is None or logprobs is None else logprobs + list(lps)
-            if prefetch is None:
-                continue
-            verify_start = time.perf_counter()
-            chunk_inputs = rows[start:end]
-            prompts = [row["prompt"] for row in chunk_inputs]
-            completions = _decode_like_trl(trainer, prompts, ids)
-            if completions is None:
-                prefetch.close()
-                prefetch, chunk_rewards = None, []
-                continue
-            # TRL's own reward pass on this chunk (it gathers over processes: every process runs the same chunks).
-            gathered = GRPOTrainer._calculate_rewards(trainer, chunk_inputs, prompts, completions, ids)
-            n = end - start
-            local = gathered[trainer.accelerator.process_index * n : (trainer.accelerator.process_index + 1) * n]
-            chunk_rewards.append((completions, [list(x) for x in ids], gathered))
-            correct = _local_verdicts(trainer, local).tolist()
-            wanted = [
-                j for j in range(n)
-                if len(ids[j]) and (args.algorithm == "opd" or not correct[j])
-                and not (trainer.mask_truncated_completions and ids[j][-1] not in eos_and_pad)
-            ]
-            # Verification belongs to the "reward" phase, not to "generation" (which times this whole call).
-            seconds = time.perf_counter() - verify_start
-            trainer._phase_seconds["reward"] += seconds
-            trainer._phase_seconds["generation"] -= seconds
-            prefetch.submit([start + j for j in wanted], [list(prompt_ids[start + j]) for j in wanted], [list(ids[j]) for j in wanted])
+            if trainer.args.teacher_overlap:
+                verifier.dispatch(list(range(start, end)), [list(x) for x in ids])
+        _finish(trainer, verifier, completion_ids)
     except BaseException:
-        if prefetch is not None:
-            prefetch.close()
+        if verifier.prefetch is not None:
+            verifier.prefetch.close()
         raise
-    trainer._teacher_prefetch = prefetch
-    trainer._chunk_rewards = chunk_rewards or None
+    return completion_ids, logprobs
+
+
+def generate_streaming(trainer, generate, prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows):
+    """TRL's one ``_generate_single_turn`` call, with each row verified and sent to the teacher once it emits EOS.
+
+    The sampled tokens are those of the plain call (nothing about generation changes), so the
+    synchronous baseline is TRL's own path.
+    """
+    verifier = _start(trainer, rows, prompt_ids)
+    watcher = _FinishedRows(len(prompt_ids), trainer.eos_token_ids, verifier.dispatch)
+    embeddings = trainer.accelerator.unwrap_model(trainer.model_wrapped).get_input_embeddings()
+    handle = embeddings.register_forward_hook(watcher)
+    try:
+        completion_ids, logprobs = generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        handle.remove()
+        # A row reported early must be what TRL kept for it; otherwise forget the early result.
+        for row, (ids, _, _) in list(verifier.results.items()):
+            if ids != list(completion_ids[row]):
+                del verifier.results[row]
+        _finish(trainer, verifier, completion_ids)
+    except BaseException:
+        handle.remove()
+        if verifier.prefetch is not None:
+            verifier.prefetch.close()
+        raise
     return completion_ids, logprobs
 
 
 def cached_rewards(trainer, completions, completion_ids_list) -> torch.Tensor | None:
-    """The gathered ``[world x B, F]`` rewards the chunks' verification produced, if they verified these completions.
+    """The gathered ``[world x B, F]`` rewards the early verification produced, if it verified these completions.
 
     Every process must agree (one of them may have decoded differently), hence the gathered flag.
     """
-    chunks, trainer._chunk_rewards = trainer._chunk_rewards, None
-    ours_completions = [c for chunk in (chunks or []) for c in chunk[0]]
-    ours_ids = [ids for chunk in (chunks or []) for ids in chunk[1]]
-    same = bool(chunks) and ours_completions == list(completions) and ours_ids == [list(x) for x in completion_ids_list]
-    flags = trainer.accelerator.gather(torch.tensor([same], device=trainer.accelerator.device))
+    verifier, trainer._early_rewards = trainer._early_rewards, None
+    local = None
+    if verifier is not None and len(verifier.results) == len(completions):
+        rows = [verifier.results.get(r) for r in range(len(completions))]
+        if all(
+            hit is not None and hit[0] == list(ids) and hit[1] == completion
+            for hit, ids, completion in zip(rows, completion_ids_list, completions)
+        ):
+            local = torch.stack([hit[2] for hit in rows])
+    device = trainer.accelerator.device
+    flags = trainer.accelerator.gather(torch.tensor([local is not None], device=device))
     if not bool(flags.all()):
         return None
-    per_process = []
-    for process in range(trainer.accelerator.num_processes):
-        parts = []
-        for chunk_completions, _, gathered in chunks:
-            n = len(chunk_completions)
-            parts.append(gathered[process * n : (process + 1) * n])
-        per_process.append(torch.cat(parts))
-    return torch.cat(per_process)
+    return trainer.accelerator.gather(local.to(device))
