@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import read_jsonl
+
 from scope_opd.cli import main as scope_main
 from scope_opd.evaluation import (
     BENCHMARKS,
@@ -61,20 +63,8 @@ def benchmark_dir(monkeypatch):
     return BENCH_DIR
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_pair_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tiny_pair_dir["student"]
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
 def run_eval(*args: str) -> int:
     return scope_main(["eval", *args])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def exact_pass(n: int, c: int, k: int) -> Fraction:
@@ -282,6 +272,47 @@ def test_completion_is_cut_at_eos_and_truncation_is_flagged(tiny_pair_dir):
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(full.text[stop])]
     ((cut,),) = generate_completions(model, tokenizer, ["ab"], settings, progress=False)
     assert cut.finished and cut.num_tokens == stop + 1 and cut.text == full.text[:stop]
+
+
+def test_prompts_can_be_text_chat_messages_or_token_ids_and_prefixes_are_continued(tiny_model):
+    from helpers import chat_tokenizer
+
+    from scope_opd.evaluation.sampling import encode_prompts
+    from scope_opd.prompts import prompt_token_ids
+
+    model, tokenizer = tiny_model
+    greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=8, batch_size=4)
+    ids = tokenizer("What is 2 + 2?")["input_ids"]
+    prefix = tokenizer("First,", add_special_tokens=False)["input_ids"]
+    (by_text,), (by_ids,), (with_prefix,) = generate_completions(
+        model, tokenizer, ["What is 2 + 2?", ids, ids], greedy, prefixes=[[], [], prefix], progress=False
+    )
+    assert by_text == by_ids  # the tokenizer has no template: the text is encoded as it is
+    ((whole,),) = generate_completions(model, tokenizer, [ids + prefix], greedy, progress=False)
+    assert with_prefix == whole  # the prefix is continued, not returned
+    sampled = whole.token_ids[:-1] if whole.finished else whole.token_ids  # the sampled ids come back too
+    assert len(whole.token_ids) == whole.num_tokens
+    assert list(sampled) == tokenizer(whole.text, add_special_tokens=False)["input_ids"]  # one id per character
+    # Chat messages are rendered by TRL's rule whatever apply_chat_template says; text goes through the template.
+    chat = chat_tokenizer("r1")
+    message = [{"role": "user", "content": "hi"}]
+    assert encode_prompts(chat, [message], apply_chat_template=False) == [prompt_token_ids(chat, message)]
+    assert encode_prompts(chat, ["hi"]) == [prompt_token_ids(chat, message)]
+    assert encode_prompts(chat, ["hi"], apply_chat_template=False) == [chat("hi")["input_ids"]]
+
+
+def test_bad_prompts_and_prefixes_are_errors_naming_the_row(tiny_model):
+    model, tokenizer = tiny_model
+    settings = SamplingSettings(n=1, temperature=0.0, max_new_tokens=2, batch_size=2)
+    with pytest.raises(ValueError, match="prompt 1: .*got dict"):
+        generate_completions(model, tokenizer, ["a", {"role": "user"}], settings, progress=False)
+    with pytest.raises(ValueError, match="got 1 prefixes for 2 prompts"):
+        generate_completions(model, tokenizer, ["a", "b"], settings, prefixes=[[3]], progress=False)
+    with pytest.raises(ValueError, match="prefix 0 must be a list of token ids"):
+        generate_completions(model, tokenizer, ["a"], settings, prefixes=["text"], progress=False)
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=rf"prompt 0 has token ids outside the vocabulary \[0, {vocab}\): \[{vocab}\]"):
+        generate_completions(model, tokenizer, [[3, vocab]], settings, progress=False)
 
 
 def test_chat_template_is_applied_when_the_tokenizer_has_one(char_tokenizer):
