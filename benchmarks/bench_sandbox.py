@@ -12,7 +12,7 @@ turn), each with --tests stdin/stdout test cases, are scored twice per round:
   interpreter has started (as the sandbox's harness does), with the sandbox's
   wall time as the backstop.
 
-Both must give the same scores (checked). Rounds alternate between the two; the
+Both should give the expected scores (counted; a warning says how many did not). Rounds alternate between the two; the
 median of each is printed, with the machine, and the last line is
 ``sandbox overhead: X programs/s sandboxed vs Y plain (Z x)``.
 
@@ -52,9 +52,8 @@ _ALARMED_RUN = (
 )
 
 
-def make_batch(n: int, tests: int) -> list[tuple[str, str, dict]]:
+def make_batch(n: int, tests: int, kinds: list[str]) -> list[tuple[str, str, dict]]:
     """(kind, source, gold) for n programs; kinds in turn."""
-    kinds = list(PROGRAMS)
     batch = []
     for index in range(n):
         kind = kinds[index % len(kinds)]
@@ -92,20 +91,29 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=4, help="test cases per program")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="concurrent programs, both sides")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kinds", default=",".join(PROGRAMS),
+                        help="comma-separated program kinds, in turn (e.g. 'correct' alone for the isolation cost)")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(PROGRAMS))
+    if unknown:
+        parser.error(f"unknown kinds {unknown}; valid: {', '.join(PROGRAMS)}")
 
-    batch = make_batch(args.n, args.tests)
+    batch = make_batch(args.n, args.tests, kinds)
     completions = [f"```python\n{source}```" for _, source, _ in batch]
     golds = [gold for _, _, gold in batch]
     expected_scores = [1.0 if kind == "correct" else 0.0 for kind, _, _ in batch]
     # The sandbox's own interpreter, so that both sides pay the same start-up.
     python = sandbox._isolation().python
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
+          f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
     print(f"sandbox: {describe_isolation()}")
-    print(f"{args.n} programs x {args.tests} tests, {args.threads} at a time, {args.rounds} rounds, limits {LIMITS}")
+    print(f"{args.n} programs ({', '.join(kinds)}) x {args.tests} tests, {args.threads} at a time, "
+          f"{args.rounds} rounds, limits {LIMITS}")
 
     verifier = functools.partial(code_score, limits=LIMITS)
     sandboxed_s, plain_s = [], []
+    mismatches = {"sandboxed": 0, "plain": 0}
     with RewardFunction(verifier, timeout_s=LIMITS.wall_time_s + 10, max_workers=args.threads, name="code") as reward, \
             tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.threads) as plain_pool:
         reward.score(completions[: args.threads], golds[: args.threads])  # forks the workers, probes the host
@@ -113,16 +121,17 @@ def main() -> None:
             start = time.perf_counter()
             scores = reward.score(completions, golds)
             sandboxed_s.append(time.perf_counter() - start)
-            if scores != expected_scores:
-                raise SystemExit(f"sandboxed scores differ from the expected ones: {scores} vs {expected_scores}")
+            mismatches["sandboxed"] += sum(a != b for a, b in zip(scores, expected_scores))
             start = time.perf_counter()
             scores = list(plain_pool.map(lambda item: plain_score(python, item[1], item[2], workdir), batch))
             plain_s.append(time.perf_counter() - start)
-            if scores != expected_scores:
-                raise SystemExit(f"plain scores differ from the expected ones: {scores} vs {expected_scores}")
+            mismatches["plain"] += sum(a != b for a, b in zip(scores, expected_scores))
         if any(reward.stats[key] for key in ("errors", "timeouts", "invalid_gold")):
             raise SystemExit(f"verifier failures during the benchmark: {reward.stats}")
 
+    for side, count in mismatches.items():
+        if count:  # a correct program over its per-test limit on an overloaded machine, or a real bug
+            print(f"WARNING: {count} {side} scores differ from the expected ones over {args.rounds} rounds")
     sandboxed_rate = args.n / statistics.median(sandboxed_s)
     plain_rate = args.n / statistics.median(plain_s)
     print("rounds (s): sandboxed " + " ".join(f"{s:.2f}" for s in sandboxed_s)

@@ -57,7 +57,8 @@ def _on_alarm(signum, frame):
 
 def _set_limits(limits):
     """Kernel limits on this process and everything it starts. Lowering is always allowed; raising back is not."""
-    cpu_s, memory, file_size = int(limits["cpu_time_s"]), int(limits["memory_mb"] * MIB), int(limits["max_file_mb"] * MIB)
+    cpu_s, memory = int(limits["cpu_time_s"]), int(limits["memory_mb"] * MIB)
+    file_size = int(limits["max_file_mb"] * MIB)
     processes, open_files = int(limits["max_processes"]), int(limits["max_open_files"])
     wanted = [
         (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),  # SIGXCPU, then SIGKILL

@@ -3,57 +3,73 @@
 Model-generated code runs in a fresh ``python -I -B`` interpreter started by
 :func:`run_program`, under every layer this host allows; :func:`describe_isolation`
 says which. The strongest working set-up is found once per process by probing
-(~50 ms). What was checked on the development machine (Linux 6.x, root with all
-capabilities, util-linux 2.38), and how each layer degrades elsewhere:
+(a real run per candidate, ~0.1 s each). What was checked on the development
+machine (Linux 6.x, root with all capabilities, util-linux 2.38, no cgroup v2),
+and how each layer degrades elsewhere:
 
+* **Private filesystem** (root, ``unshare --mount --ipc --uts --net --pid``).
+  The harness starts as pid 1 of the new namespaces and builds the run's own
+  root: one tmpfs capped at the output budget (``size=``, ``nr_inodes=``) holds
+  the only writable places, ``/work`` (0700, the run's uid), ``/tmp``,
+  ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; the system's ``/usr``, ``/lib*``,
+  ``/bin``, ``/sbin``, ``/etc/ld.so.cache`` and the interpreter's prefix are bound
+  read-only and nosuid; ``/dev`` has null, zero, full, random, urandom; ``/proc``
+  is this pid namespace's own. ``pivot_root`` then detaches the host's tree
+  (``chroot`` where the syscall number is unknown). Nothing of the host's files
+  (datasets, the checkout, other runs' work dirs, unix sockets), processes
+  (the trainer's command line) or SysV IPC is reachable, and everything the run
+  wrote disappears with its namespace; no clean-up walks it.
+* **Whole-tree limits.** ``RLIMIT_NPROC`` counts every process and thread of the
+  run's own uid, so it bounds the tree. Memory: with cgroup v2 mounted at
+  ``/sys/fs/cgroup`` with the memory and pids controllers (not the case on the
+  development machine: that path is untested here), each run gets
+  ``scope-sandbox/run-<uid>`` with ``memory.max`` (memory limit + tmpfs size),
+  ``memory.swap.max = 0`` and ``pids.max``, and is killed through
+  ``cgroup.kill``. Without it, pid 1 sums the resident anonymous memory of
+  every process in the namespace every 10 ms and kills the run over
+  ``memory_mb``: a sampled bound (a burst between samples can overshoot, each
+  process still capped by ``RLIMIT_AS``), pages shared by fork counted once per
+  process. tmpfs contents count against the output budget instead.
 * **Unprivileged uid** (root only). The kernel never applies ``RLIMIT_NPROC``
-  to uid 0, whatever its capabilities: a fork bomb as root is unbounded, and
-  root can read and delete anything. So as root the program runs under a
-  throw-away uid drawn at random from 2^24 uids above systemd's container range,
-  via ``setpriv --reuid --regid --clear-groups --no-new-privs`` (or
-  ``Popen(user=...)`` without setpriv). A fresh uid per run makes
-  ``RLIMIT_NPROC`` count that run's processes only (a shared uid let one run's
-  fork bomb, and its unreaped zombies, starve the next run's threads) and lets
-  the leftovers of a run be killed by uid. Where random uids are not mapped (a
-  user-namespaced container), it falls back to ``nobody`` (65534). If no
-  interpreter can run as such a uid, untrusted code is refused
-  (:class:`SandboxUnavailable`), never run as root.
+  to uid 0, whatever its capabilities: a fork bomb as root is unbounded. Each
+  run leases its own uid (0x70000000 + one of 4096 slots, above systemd's
+  container range) by an exclusive ``flock`` on a lease file in a root-only
+  directory, so concurrent runs in any thread or worker process never share a
+  uid, and ``RLIMIT_NPROC`` and clean-up are per run. The harness drops to it
+  with ``setresuid``/``setresgid``/no groups (all capabilities cleared) and
+  ``PR_SET_NO_NEW_PRIVS``. Where random uids are not mapped (a user-namespaced
+  container), everyone shares ``nobody`` (65534). If no interpreter can run as
+  such a uid, untrusted code is refused (:class:`SandboxUnavailable`), never run
+  as root.
 * **Interpreter** runnable by that uid: ``sys.executable``, else the system
   ``python3``, and only one whose file and parent directories are
-  world-accessible. Here the venv's interpreter lives under root's 0700 home and
-  is skipped: setpriv keeps its capabilities until ``execve``, so that
-  interpreter does start, then loads the system's libpython and stdlib instead
-  of its own; the probe alone would have accepted it.
-* **Namespaces.** ``unshare --net --pid --fork --kill-child`` (with
-  ``--user`` when not root; worked here for an unprivileged user too). The
-  program sees a network namespace with only a down loopback: no connection
-  anywhere, the host's 127.0.0.1 included, even through ``_socket``. Its own pid
-  namespace means that killing the run kills every process it made, including
-  ones that ``setsid()`` out of the process group. Where ``unshare`` fails
-  (Docker's default capabilities and seccomp), runs have no namespaces.
+  world-accessible (a venv under root's 0700 home is skipped).
 * **Kernel limits**, set by the harness before the program starts:
   ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NPROC``,
-  ``RLIMIT_NOFILE``, and ``RLIMIT_CORE = 0``. Not root, ``RLIMIT_NPROC``
-  counts all of the user's processes and threads, so inside a busy trainer the
-  program can usually start none.
-* **Wall time.** The parent kills the process group after ``wall_time_s``
-  (then, without a pid namespace and with a fresh uid, every process of that
-  uid, by ``kill(-1)`` run as it); coreutils ``timeout`` kills the run 2 s
-  later should the parent itself have been killed; the harness dies with its
-  parent (``PR_SET_PDEATHSIG``); a per-test alarm bounds each test.
-* **Clean environment and directory.** Only PATH/LANG-like variables are passed
-  (no API keys); the working directory is fresh, inside a root-owned directory
-  so the program cannot swap it for a symlink, and deleted afterwards. Files
-  read back from it are opened without following symlinks, only if regular,
-  and up to the file-size limit.
-* **Python-level socket block** in the harness: the only network layer without
-  namespaces, and bypassable (``_socket``, ctypes).
+  ``RLIMIT_NOFILE``, and ``RLIMIT_CORE = 0``.
+* **Wall time.** pid 1 ends the run at ``wall_time_s``; the parent kills the
+  process group 2 s later should pid 1 not have; coreutils ``timeout`` kills it
+  a second after that should the parent itself have been killed; when pid 1
+  dies the kernel kills the whole namespace. A per-test alarm bounds each test.
+* **One output budget** (``output_budget_mb``): the tmpfs size above, and the
+  bytes the parent reads back over the run's stdout and stderr pipes (results
+  with each test's stdout, return values, stderr). Over it, the run is killed
+  and the tests without a result are not run. The job (program and inputs)
+  reaches the sandbox as an unlinked stdin file, the results come back as JSON
+  lines; the parent never reads a file the program could have touched. A line
+  that does not parse (garbage, or JSON nested too deeply: RecursionError) is
+  ignored and counted in :attr:`ProgramRun.malformed_records`.
 
-Not contained: reading world-readable files (datasets included) and writing to
-world-writable directories such as /tmp (each file bounded by the file-size
-limit, not their number); a mount namespace would close both. With neither
-namespaces nor a fresh uid (uid 65534 or not root), a process that leaves the
-process group survives the run.
+Fallbacks, weaker and documented as such: where a mount namespace cannot be
+made (Docker's default seccomp), ``unshare --net --pid`` plus ``setpriv``, or no
+namespaces at all (``setpriv`` or ``Popen(user=)``). Then the host's
+world-readable files are readable, the work dir is a 0700 directory of the
+run's uid inside a root-owned one, and afterwards the run's processes are
+killed by uid and its files removed from the work dir and from the top level of
+/tmp, /var/tmp, /dev/shm and /run/lock, by a clean-up that neither recurses nor
+follows symlinks; memory is bounded per process times ``max_processes``. Not
+root: ``unshare --user --net --pid`` at most, as the current user. With neither
+namespaces nor a fresh uid, a process that leaves the process group survives.
 
 The expected outputs never enter the sandbox; the caller compares outputs
 (:mod:`scope_opd.verifiers.code`).
@@ -297,14 +313,16 @@ def _candidate_isolations() -> Iterable[_Isolation]:
             yield _Isolation(python, namespaces=False, privilege_drop="popen", random_uids=random_uids)
 
 
-_PROBE_LIMITS = dict(wall_time_s=10.0, time_per_test_s=5.0, cpu_time_s=5, memory_mb=512, max_file_mb=1, output_budget_mb=1)
+_PROBE_LIMITS = SandboxLimits(
+    wall_time_s=10.0, time_per_test_s=5.0, cpu_time_s=5, memory_mb=512, max_file_mb=1, output_budget_mb=1
+)
 
 
 def _works(isolation: _Isolation) -> bool:
     """Whether a real run under ``isolation`` gives the right answer, under a uid that is not root."""
     probe = "import ctypes, json, os, resource, signal, socket\nprint(os.geteuid() != 0, input())"
     try:
-        run = _execute(isolation, probe, ["probe\n"], None, SandboxLimits(**_PROBE_LIMITS), False)
+        run = _execute(isolation, probe, ["probe\n"], None, _PROBE_LIMITS, False)
     except (OSError, subprocess.SubprocessError, SandboxUnavailable):
         return False
     must_drop = isolation.privilege_drop is not None
@@ -340,6 +358,7 @@ def describe_isolation() -> str:
 
 _state_lock = threading.Lock()
 _state_dir_cache: Path | None = None
+_retired_uids: set[int] = set()
 
 
 def _state_dir() -> Path:
@@ -377,6 +396,8 @@ def _uid_lease(isolation: _Isolation) -> Iterator[int | None]:
     first = secrets.randbelow(_UID_SLOTS)
     for step in range(_UID_SLOTS):
         slot = (first + step) % _UID_SLOTS
+        if _RANDOM_UID_BASE + slot in _retired_uids:
+            continue
         fd = os.open(lease_dir / str(slot), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -523,10 +544,14 @@ def _kill_processes_of_uid(isolation: _Isolation, uid: int) -> None:
 
 
 def _wait_until_uid_has_no_processes(uid: int, timeout_s: float = 10.0) -> None:
+    """Waits for the uid's killed processes to be gone; a uid whose processes outlive
+    that (zombies on a host whose init does not reap) is never leased again."""
     deadline = time.monotonic() + timeout_s
     while _processes_of_uid(uid):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"processes of sandbox uid {uid} still alive {timeout_s:g} s after the kill")
+            with _state_lock:
+                _retired_uids.add(uid)
+            return
         time.sleep(0.01)
 
 
@@ -673,6 +698,20 @@ def _parse_records(raw: bytes) -> tuple[dict[int, dict], dict | None, str | None
     return records, supervisor, setup_error, malformed
 
 
+@contextlib.contextmanager
+def _job_file(data: bytes) -> Iterator[object]:
+    """An unlinked file holding ``data``, for the run's stdin: the job reaches the sandbox without
+    a path on the host. In memory (memfd) where available, else a temporary file."""
+    if hasattr(os, "memfd_create"):
+        job_file = os.fdopen(os.memfd_create("scope-sandbox-job", os.MFD_CLOEXEC), "w+b")
+    else:
+        job_file = tempfile.TemporaryFile()
+    with job_file:
+        job_file.write(data)
+        job_file.seek(0)
+        yield job_file
+
+
 def _execute(
     isolation: _Isolation,
     source: str,
@@ -689,10 +728,7 @@ def _execute(
         "stop_at_first_error": stop_at_first_error,
     }
     budget_bytes = limits.output_budget_mb * _MIB
-    with tempfile.TemporaryFile() as job_file, _uid_lease(isolation) as uid:
-        # An unlinked file as stdin: the job reaches the sandbox without a path on the host.
-        job_file.write(json.dumps(job).encode("utf-8", errors="replace"))
-        job_file.seek(0)
+    with _job_file(json.dumps(job).encode("utf-8", errors="replace")) as job_file, _uid_lease(isolation) as uid:
         outer = cgroup = config = None
         oom_killed = False
         if isolation.contained:
