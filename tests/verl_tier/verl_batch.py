@@ -14,6 +14,7 @@ import pathlib
 from dataclasses import dataclass
 
 import torch
+from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 from verl.trainer.ppo.padding_utils import construct_minimal_padding_template
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
@@ -52,38 +53,37 @@ def make_rows(spec, seed=0):
     return rows
 
 
-def sample_dict(row: Row, session_id: int, teacher_prompt_value: float = 50.0) -> dict:
-    """One sample as the agent loop stores it. The teacher's prompt positions hold ``teacher_prompt_value``
-    (never read): a wrong slice of the shifted layout shows up as a wildly wrong value."""
+def sample_dict(row: Row, session_id: int, teacher_prompt_value: float = 50.0, with_old_logp: bool = True) -> dict:
+    """One sample as ``AgentLoopWorkerTQ._agent_loop_postprocess`` stores it: verl's ``AgentLoopOutput.as_dict()``
+    plus the fields that method adds. The teacher's prompt positions hold ``teacher_prompt_value`` (never
+    read): a wrong slice of the shifted layout shows up as a wildly wrong value."""
     gen = torch.Generator().manual_seed(hash((row.uid, session_id)) % (2**31))
     prompts = torch.randint(3, 100, (row.prompt_len,), generator=gen)
     responses = torch.randint(3, 100, (row.response_len,), generator=gen)
-    response_mask = torch.ones(row.response_len, dtype=torch.int64)
-    rm_scores = torch.zeros(row.response_len, dtype=torch.float32)
-    if row.response_len:
-        rm_scores[-1] = row.reward
     seq = row.prompt_len + row.response_len
     # teacher_logprobs[j] = log p_T(token j + 1 | tokens <= j); the last entry is verl's dummy 0.
     teacher = torch.full((seq, 1), teacher_prompt_value)
     teacher[row.prompt_len - 1 : row.prompt_len - 1 + row.response_len, 0] = row.teacher_logp
     teacher[-1, 0] = 0.0
     input_ids = torch.cat([prompts, responses])
-    return {
-        "prompts": prompts,
-        "responses": responses,
-        "response_mask": response_mask,
-        "loss_mask": response_mask,
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "position_ids": torch.arange(seq),
-        "rm_scores": rm_scores,
-        "teacher_logprobs": teacher,
-        "teacher_ids": torch.cat([input_ids[1:], torch.tensor([0])])[:, None].to(torch.int32),
-        "old_log_probs": row.old_logp.clone(),
-        "uid": row.uid,
-        "session_id": session_id,
-        "num_turns": 2,
-    }
+    output = AgentLoopOutput(
+        prompt_ids=prompts.tolist(), response_ids=responses.tolist(), response_mask=[1] * row.response_len,
+        # verl 0.9.1's as_dict cannot put a reward on an empty response (IndexError on rm_scores[-1]),
+        # so the agent loop never stores one; an empty row here gets its (empty) rm_scores below.
+        reward_score=row.reward if row.response_len else None, num_turns=2, metrics=AgentLoopMetrics(),
+        extra_fields={"teacher_ids": torch.cat([input_ids[1:], torch.tensor([0])])[:, None].to(torch.int32),
+                      "teacher_logprobs": teacher, "reward_extra_info": {}},
+    )
+    field = output.as_dict()
+    field.setdefault("rm_scores", torch.zeros(0))
+    field.update(uid=row.uid, session_id=session_id)
+    field["loss_mask"] = field["response_mask"]
+    field["input_ids"] = input_ids
+    field["position_ids"] = torch.arange(seq)
+    field.pop("metrics")  # timing only
+    if with_old_logp:  # written by the old-log-prob step in a real run
+        field["old_log_probs"] = row.old_logp.clone()
+    return field
 
 
 def tag_dict(row: Row) -> dict:

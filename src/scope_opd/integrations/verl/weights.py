@@ -46,10 +46,14 @@ def response_teacher_logprobs(data: TensorDict) -> torch.Tensor:
             "sampled token's only (a use_estimator loss; do not combine with top-k distillation)"
         )
     if not teacher.is_nested:
-        # verl's batching stacks equal-length samples into a plain [B, P + R, 1] tensor (no padding inside);
-        # flattened, it is the (total_nnz, 1) form no_padding_2_padding reads with the attention mask.
-        teacher = teacher.reshape(-1, *teacher.shape[2:])
-    out = no_padding_2_padding(teacher, data)
+        # verl's batching stacks equal-length samples into plain tensors ([B, P + R, 1], no padding inside,
+        # and no attention_mask field for no_padding_2_padding): the same shifted slice, on every row.
+        prompt_len, response_len = data["prompts"].shape[1], data["responses"].shape[1]
+        if teacher.shape[1] != prompt_len + response_len:
+            raise ValueError(f"teacher_logprobs has {teacher.shape[1]} positions, expected P + R = {prompt_len + response_len}")
+        out = teacher[:, prompt_len - 1 : prompt_len - 1 + response_len]
+    else:
+        out = no_padding_2_padding(teacher, data)
     return out.squeeze(-1) if out.dim() == 3 else out
 
 
