@@ -1,73 +1,167 @@
-"""``scope serve-teacher``: the prompt-scoring subset of vLLM's OpenAI-compatible server.
+"""``scope serve-teacher``: a faithful subset of vLLM's OpenAI-compatible server, for scoring.
 
-Serves a `transformers` teacher through :class:`InProcessTeacher` with the
-standard library's ``ThreadingHTTPServer`` (no web framework needed for three
-endpoints), so :class:`~scope_opd.teachers.ServerTeacher` can be tested on a
-CPU and used without vLLM. For large teachers vLLM itself is the faster
-server; both speak the same format.
+Serves a `transformers` teacher through :class:`InProcessTeacher`, so
+:class:`~scope_opd.teachers.ServerTeacher` can be tested on a CPU and used
+without vLLM. Every request it accepts is answered as vLLM (0.31/0.32) answers
+it, and every request vLLM refuses it refuses with vLLM's status and error
+body ``{"error": {"message", "type", "param", "code"}}``; requests that need a
+generator it does not have get an honest 400 that says so.
 
-Endpoints:
+Endpoints (``/v1/...`` need ``Authorization: Bearer KEY`` when ``--api-key-env``
+is set; a wrong key is vLLM's ``401 {"error": "Unauthorized"}``):
 
-* ``POST /v1/completions`` with ``"prompt"`` a list of token ids or a list of
-  such lists, ``"prompt_logprobs": k >= 0`` (or absent), ``"max_tokens"``,
-  ``"model"``. Each choice carries vLLM's ``prompt_logprobs``: ``null`` for the
-  first position, then ``{"<id>": {"logprob", "rank", "decoded_token"}}`` with
-  the actual token first and the top-``k`` after it; ``-inf`` is sent as
-  ``-9999.0`` as vLLM does, NaN as JSON ``NaN``. **Nothing is generated**: the
-  teacher only scores in SCOPE, so ``max_tokens`` is validated and then
-  ignored, ``"text"`` is ``""`` and ``usage.completion_tokens`` is 0. Text
-  prompts, ``stream``, ``echo``, ``n > 1`` and ``prompt_logprobs`` of -1 (full
-  vocabulary) or above 20 (vLLM's default ``--max-logprobs``) get a 400; other
-  sampling fields are accepted and have no effect.
-* ``GET /v1/models``: the one served model.
-* ``GET /health``: 200 once the model is loaded (no key needed, as in vLLM).
+* ``POST /v1/completions``: ``"prompt"`` token ids, a list of such lists, a string
+  or a list of strings (tokenized with ``add_special_tokens``, default true), at
+  most 1024 prompts; ``prompt_logprobs`` ``k`` in [0, 20] (integral floats such
+  as ``2.0`` accepted); ``echo``; ``n``; ``stream`` (SSE chunks, as vLLM:
+  ``prompt_logprobs`` above 0 are refused with ``stream``); ``return_token_ids``.
+  ``prompt_logprobs`` entries are vLLM's: ``null`` first, then
+  ``{"<id>": {"logprob", "rank", "decoded_token"}}``, the actual token first,
+  ``-inf`` sent as ``-9999.0``. A request in which any returned log-prob would
+  be NaN is refused as vLLM refuses it: HTTP 400 "Out of range float values are
+  not JSON compliant".
+  **Generation** is at most one greedy token: ``max_tokens`` 0 with ``echo`` (no
+  generation), or an effective ``max_tokens`` of 1 (``min(max_tokens,
+  max_model_len - prompt length)``, as vLLM computes it) with ``temperature`` 0;
+  the token is the teacher's argmax, ``finish_reason`` ``"stop"`` on eos, else
+  ``"length"``. Longer or sampled generation, ``logprobs``, ``logit_bias``,
+  penalties, ``stop``, ``min_tokens``, ``suffix`` and beam search get a 400 that
+  names the field. A prompt of exactly ``max_model_len`` tokens leaves no room
+  for a token: 400 "max_tokens must be at least 1, got 0", as vLLM.
+* ``GET /v1/models``: the model card, with ``max_model_len``.
+* ``POST /tokenize`` (``{"prompt": str, "add_special_tokens", "return_token_strs"}``)
+  and ``POST /detokenize`` (``{"tokens": [ids]}``), ``GET /version``,
+  ``GET /health`` (200, empty body): open, as in vLLM.
 
-Bad input (non-integer or out-of-vocabulary ids, too-long prompts, bad JSON)
-is answered with 400 in OpenAI's error shape
-``{"error": {"message", "type", "param", "code"}}``; an unexpected failure is
-a 500 with the same shape. The server never exits on a request.
-
-Concurrent requests are scored together: one worker thread owns the model and
-takes every row that arrived while the previous forward ran (up to
-``--batch-size``) into the next one.
+Hostile load: the HTTP layer is an asyncio server (stdlib) with a listen backlog
+of 1024, a connection cap kept below the process's descriptor limit (a new
+connection at the cap evicts the oldest connection that has no request in
+progress), a keep-alive idle timeout and a deadline for each request's headers
+and body, strict HTTP/1.1 header parsing (one ASCII ``Content-Length``, no
+``Transfer-Encoding``), the route and the key checked before the body is read,
+caps on body bytes, prompt tokens and response bytes per request (413/400
+before any scoring where the size is known), and client disconnects logged at
+most once a minute. Request handling runs on a bounded thread pool; one worker
+thread owns the model and batches the rows that arrive together.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
+import math
 import os
 import queue
+import re
+import resource
 import signal
+import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
 
 from .in_process import InProcessTeacher, TokenScores, load_teacher_model
 from .server_client import VLLM_NEG_INF_LOGPROB
 
-__all__ = ["TeacherHTTPServer", "TeacherService", "configure_parser", "main", "start_server"]
+__all__ = ["ServerLimits", "TeacherHTTPServer", "TeacherService", "configure_parser", "main", "start_server"]
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 2**20
-# vLLM's default --max-logprobs.
+# vLLM's defaults: --max-logprobs, VLLM_MAX_COMPLETION_PROMPTS, CompletionRequest.max_tokens.
 MAX_PROMPT_LOGPROBS = 20
+MAX_PROMPTS_PER_REQUEST = 1024
+VLLM_DEFAULT_MAX_TOKENS = 16
+# Python's own message for NaN under allow_nan=False; vLLM's 400 body carries the same text
+# (starlette serialises with allow_nan=False and vLLM maps the ValueError to a 400).
+try:
+    json.dumps(float("nan"), allow_nan=False)
+except ValueError as _nan_error:
+    NAN_MESSAGE = str(_nan_error)
+# Fewest bytes one prompt_logprobs entry can take ('"0": {"logprob": 0.0, "rank": 1, "decoded_token": null}'):
+# entries x this bounds a response from below before anything is scored.
+_MIN_ENTRY_BYTES = 50
+# Fields that change which token greedy decoding picks, or how its text ends, with their no-op values.
+_GENERATION_FIELDS = {
+    "logprobs": (None,),
+    "logit_bias": (None, {}),
+    "allowed_token_ids": (None, []),
+    "bad_words": (None, []),
+    "logprob_token_ids": (None, []),
+    "min_tokens": (None, 0),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "stop": (None, [], ""),
+    "stop_token_ids": (None, []),
+    "suffix": (None, ""),
+    "use_beam_search": (None, False),
+    "response_format": (None,),
+    "structured_outputs": (None,),
+}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds that keep one client from starving the others (``scope serve-teacher --help`` names each).
+
+    Attributes:
+        max_connections: open connections at once; clamped below ``RLIMIT_NOFILE``.
+        backlog: the listen queue (the kernel caps it at ``net.core.somaxconn``).
+        keep_alive_timeout_s: how long a connection may sit with no request
+            started (5 s: uvicorn's and so vLLM's default).
+        request_read_timeout_s: from a request's first byte to its last.
+        write_timeout_s: to hand a response to a client that is reading it.
+        max_header_bytes, max_headers: request line plus headers.
+        max_body_bytes: a request body.
+        max_request_tokens: prompt tokens in one request.
+        max_response_bytes: one response body (413 when it would be larger).
+        worker_threads: requests parsed and answered at once.
+    """
+
+    max_connections: int = 1024
+    backlog: int = 1024
+    keep_alive_timeout_s: float = 5.0
+    request_read_timeout_s: float = 30.0
+    write_timeout_s: float = 60.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 32 * 2**20
+    max_request_tokens: int = 2**20
+    max_response_bytes: int = 64 * 2**20
+    worker_threads: int = 8
 
 
 class RequestError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+    """A request the server refuses: its HTTP status and vLLM's error body."""
 
-    def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error", param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, error_type: str = "BadRequestError", param: str | None = None,
+        body: dict | None = None, close: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.error_type, self.param = status, message, error_type, param
+        self._body = body
+        # The rest of the request is unread (or unreadable): the connection cannot carry another one.
+        self.close = close
 
     def body(self) -> dict:
+        if self._body is not None:
+            return self._body
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}}
+
+
+def _http_error(status: HTTPStatus, message: str | None = None, *, close: bool = False) -> RequestError:
+    """Starlette's HTTPException as vLLM renders it: the reason phrase as ``type``."""
+    return RequestError(status.value, message or status.phrase, error_type=status.phrase, close=close)
 
 
 class _ScoringWorker:
@@ -130,27 +224,56 @@ class _ScoringWorker:
             future.set_result(row_scores)
 
 
+@dataclass
+class _Completion:
+    """One validated ``/v1/completions`` request."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str] | None
+    top_k: int | None  # prompt_logprobs; None: not returned
+    generate: bool  # one greedy token after each prompt
+    n: int
+    echo: bool
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    skip_special_tokens: bool
+    ignore_eos: bool
+
+
 class TeacherService:
     """Request validation and response building for the served teacher (no HTTP here).
 
     Args:
         teacher: the scorer that owns the model.
         model_name: the name ``/v1/models`` reports and ``"model"`` must match.
-        tokenizer: optional, only used for ``decoded_token``; ``None`` sends ``null``.
-        max_model_len: longest accepted prompt in tokens; ``None`` for no limit.
+        tokenizer: for text prompts, ``echo``, ``decoded_token`` and generated text;
+            ``None`` behaves like vLLM's ``--skip-tokenizer-init`` (null/empty text).
+        max_model_len: longest context in tokens; ``None`` for no limit.
+        limits: the per-request caps of :class:`ServerLimits`.
+        eos_token_ids: tokens that end a generation (``finish_reason`` "stop").
     """
 
-    def __init__(self, teacher: InProcessTeacher, *, model_name: str, tokenizer=None, max_model_len: int | None = None) -> None:
+    def __init__(
+        self, teacher: InProcessTeacher, *, model_name: str, tokenizer=None, max_model_len: int | None = None,
+        limits: ServerLimits | None = None, eos_token_ids: set[int] | None = None,
+    ) -> None:
         self.teacher = teacher
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.limits = limits or ServerLimits()
+        self.eos_token_ids = set(eos_token_ids or ())
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
         self.created = int(time.time())
         self._decoded: dict[int, str | None] = {}
         self._worker = _ScoringWorker(teacher)
 
     def close(self) -> None:
         self._worker.stop()
+
+    # -- small endpoints ---------------------------------------------------------------------------
 
     def models(self) -> dict:
         card = {
@@ -159,109 +282,393 @@ class TeacherService:
             "created": self.created,
             "owned_by": "scope-opd",
             "root": self.model_name,
+            "parent": None,
         }
         if self.max_model_len is not None:
             card["max_model_len"] = self.max_model_len
         return {"object": "list", "data": [card]}
 
-    def completions(self, request) -> dict:
-        """Answer one ``/v1/completions`` body; raises :class:`RequestError` for a request we refuse."""
-        sequences, top_k = self._validate(request)
-        futures = [self._worker.submit(s, top_k) if top_k is not None else None for s in sequences]
-        choices = []
-        for index, (sequence, future) in enumerate(zip(sequences, futures)):
-            prompt_logprobs = None if future is None else self._prompt_logprobs(sequence, future.result(), top_k)
-            choices.append(
-                {
-                    "index": index,
-                    "text": "",
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                    "prompt_logprobs": prompt_logprobs,
-                }
+    @staticmethod
+    def version() -> dict:
+        try:
+            version = importlib.metadata.version("scope-opd")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        return {"version": version, "server": "scope serve-teacher"}
+
+    def tokenize(self, request) -> dict:
+        request = self._object(request)
+        self._check_model(request)
+        if "messages" in request:
+            raise RequestError(400, "chat `messages` are not supported by /tokenize here; send `prompt`", param="messages")
+        prompt = request.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError(400, f"`prompt` must be a string, got {type(prompt).__name__}", param="prompt")
+        tokenizer = self._need_tokenizer("/tokenize")
+        add_special = self._bool(request, "add_special_tokens", True)
+        tokens = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        response = {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens, "token_strs": None}
+        if self._bool(request, "return_token_strs", False):
+            response["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
+        return response
+
+    def detokenize(self, request) -> dict:
+        request = self._object(request)
+        self._check_model(request)
+        tokens = request.get("tokens")
+        if not isinstance(tokens, list):
+            raise RequestError(400, "`tokens` must be a list of token ids", param="tokens")
+        self._check_ids(tokens, "tokens")
+        return {"prompt": self._need_tokenizer("/detokenize").decode(tokens)}
+
+    # -- completions -------------------------------------------------------------------------------
+
+    def completions(self, request) -> tuple[str, bytes]:
+        """Answer one ``/v1/completions`` body: ``(content_type, payload)``; raises :class:`RequestError`."""
+        completion = self._validate(request)
+        need_scores = completion.generate or (completion.top_k is not None and not completion.stream)
+        scores: list[TokenScores | None] = [None] * len(completion.prompts)
+        if need_scores:
+            top_k = max(completion.top_k or 0, 1 if completion.generate else 0)
+            # A trailing placeholder token makes the scorer return the distribution after the
+            # prompt: its top-1 is the greedy token (the placeholder's own score is dropped).
+            futures = [
+                self._worker.submit(prompt + [0] if completion.generate else prompt, top_k)
+                for prompt in completion.prompts
+            ]
+            scores = [future.result() for future in futures]
+            self._refuse_nan(completion, scores)
+        if completion.stream:
+            return "text/event-stream", self._stream_body(completion, scores)
+        return "application/json", self._json_body(completion, scores)
+
+    def _validate(self, request) -> _Completion:
+        request = self._object(request)
+        limits = self.limits
+        # Types first (vLLM's pydantic model and its "before" validators), then the model, then lengths.
+        echo = self._bool(request, "echo", False)
+        stream = self._bool(request, "stream", False)
+        n = request.get("n", 1)
+        if not _is_int(n):
+            raise RequestError(400, f"`n` must be an integer, got {n!r}", param="n")
+        max_tokens = request.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = VLLM_DEFAULT_MAX_TOKENS
+        elif not _is_int(max_tokens):
+            raise RequestError(400, f"`max_tokens` must be an integer, got {max_tokens!r}", param="max_tokens")
+        top_k = self._integral(request, "prompt_logprobs")
+        if request.get("stream_options") and not stream:
+            raise RequestError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+        if top_k is not None:
+            if stream and (top_k > 0 or top_k == -1):
+                raise RequestError(400, "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+            if top_k < 0 and top_k != -1:
+                raise RequestError(400, "`prompt_logprobs` must be a positive value or -1.", param="prompt_logprobs")
+            if top_k == -1 or top_k > MAX_PROMPT_LOGPROBS:
+                requested = "the full vocabulary" if top_k == -1 else top_k
+                raise RequestError(
+                    400,
+                    f"Requested prompt logprobs of {requested}, which is greater than max allowed: {MAX_PROMPT_LOGPROBS}",
+                    param="prompt_logprobs",
+                )
+        prompts, prompt_texts = self._prompts(request)
+        self._check_model(request)
+        if n < 1:
+            raise RequestError(400, f"n must be at least 1, got {n}.", param="n")
+
+        total_tokens = sum(len(p) for p in prompts)
+        if total_tokens > limits.max_request_tokens:
+            raise RequestError(
+                400,
+                f"the request holds {total_tokens} prompt tokens, more than this server's --max-request-tokens "
+                f"{limits.max_request_tokens}; split it into smaller requests",
+                param="prompt",
             )
-        prompt_tokens = sum(len(s) for s in sequences)
-        return {
+        for i, prompt in enumerate(prompts):
+            if self.max_model_len is not None and len(prompt) > self.max_model_len:
+                raise RequestError(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                    f"{i} contains {len(prompt)} input tokens, which exceeds this limit even without any output "
+                    "tokens. Please reduce the length of the input prompt.",
+                    param="input_tokens",
+                )
+
+        # vLLM's get_max_tokens: the budget is what is left of the context, then SamplingParams
+        # refuses a budget under 1 unless echo asks for the prompt alone (max_tokens 0).
+        generate = not (echo and max_tokens == 0)
+        if generate:
+            for prompt in prompts:
+                budget = max_tokens if self.max_model_len is None else min(max_tokens, self.max_model_len - len(prompt))
+                if budget < 1:
+                    raise RequestError(400, f"max_tokens must be at least 1, got {budget}.", param="max_tokens")
+                if budget > 1:
+                    raise RequestError(
+                        400,
+                        f"scope serve-teacher scores prompts and generates at most one greedy token: max_tokens "
+                        f"{max_tokens} would generate {budget} (send max_tokens 1 with temperature 0, or max_tokens 0 "
+                        "with echo)",
+                        param="max_tokens",
+                    )
+            temperature = request.get("temperature")
+            if temperature is None or not isinstance(temperature, (int, float)) or temperature != 0:
+                raise RequestError(
+                    400,
+                    f"scope serve-teacher generates only the greedy token: temperature must be 0, got {temperature!r} "
+                    "(or send max_tokens 0 with echo to generate nothing)",
+                    param="temperature",
+                )
+        for field, neutral in _GENERATION_FIELDS.items():
+            if request.get(field) not in neutral:
+                raise RequestError(
+                    400, f"`{field}` is not supported by scope serve-teacher (it scores; see its docs)", param=field
+                )
+        if echo and self.tokenizer is None and prompt_texts is None:
+            raise RequestError(400, "`echo` needs the teacher's tokenizer, which this server has not loaded", param="echo")
+
+        completion = _Completion(
+            prompts=prompts, prompt_texts=prompt_texts, top_k=top_k, generate=generate, n=n, echo=echo, stream=stream,
+            include_usage=bool(isinstance(request.get("stream_options"), dict)
+                               and request["stream_options"].get("include_usage")),
+            return_token_ids=self._bool(request, "return_token_ids", False),
+            skip_special_tokens=self._bool(request, "skip_special_tokens", True),
+            ignore_eos=self._bool(request, "ignore_eos", False),
+        )
+        self._check_response_size(completion)
+        return completion
+
+    def _check_response_size(self, completion: _Completion) -> None:
+        if completion.top_k is None or completion.stream:
+            return
+        entries = sum(max(len(p) - 1, 0) for p in completion.prompts) * completion.n
+        lower_bound = entries * (1 + completion.top_k) * _MIN_ENTRY_BYTES
+        if lower_bound > self.limits.max_response_bytes:
+            raise RequestError(
+                413,
+                f"the answer would be over {lower_bound} bytes ({entries} prompt positions x {1 + completion.top_k} "
+                f"log-probs), more than this server's --max-response-bytes {self.limits.max_response_bytes}; "
+                "send fewer tokens per request or a smaller prompt_logprobs",
+                error_type="PayloadTooLarge",
+                param="prompt",
+            )
+
+    def _prompts(self, request) -> tuple[list[list[int]], list[str] | None]:
+        prompt = request.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise RequestError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        texts = None
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            texts = prompt
+        if texts is not None:
+            if len(texts) > MAX_PROMPTS_PER_REQUEST:
+                raise self._too_many_prompts(len(texts))
+            tokenizer = self._need_tokenizer("text prompts")
+            add_special = self._bool(request, "add_special_tokens", True)
+            sequences = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+        elif isinstance(prompt, list) and all(isinstance(p, list) for p in prompt):
+            if len(prompt) > MAX_PROMPTS_PER_REQUEST:
+                raise self._too_many_prompts(len(prompt))
+            sequences = prompt
+        elif isinstance(prompt, list) and not any(isinstance(t, (list, str, dict)) for t in prompt):
+            sequences = [prompt]
+        else:
+            raise RequestError(
+                400, "`prompt` must be token ids, a list of token-id lists, a string or a list of strings", param="prompt"
+            )
+        for i, sequence in enumerate(sequences):
+            if not sequence:
+                raise RequestError(400, f"prompt {i} is empty", param="prompt")
+            self._check_ids(sequence, "prompt", i)
+        return sequences, texts
+
+    @staticmethod
+    def _too_many_prompts(count: int) -> RequestError:
+        return RequestError(
+            400,
+            f"prompt list length {count} exceeds the maximum allowed count of {MAX_PROMPTS_PER_REQUEST}.",
+            param="prompt",
+        )
+
+    def _check_ids(self, sequence: list, param: str, row: int | None = None) -> None:
+        vocab_size = self.teacher.vocab_size
+        bad = next((j for j, t in enumerate(sequence) if not _is_int(t) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            where = f"prompt {row} position {bad}" if row is not None else f"{param} position {bad}"
+            raise RequestError(400, f"{where} holds {sequence[bad]!r}, not a token id in [0, {vocab_size})", param=param)
+
+    def _check_model(self, request: dict) -> None:
+        model = request.get("model")
+        if model is not None and model != self.model_name:
+            raise RequestError(404, f"The model `{model}` does not exist.", error_type="NotFoundError", param="model")
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise RequestError(400, f"{what} need the teacher's tokenizer, which this server has not loaded")
+        return self.tokenizer
+
+    @staticmethod
+    def _object(request) -> dict:
+        if not isinstance(request, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        return request
+
+    @staticmethod
+    def _bool(request: dict, field: str, default: bool) -> bool:
+        value = request.get(field)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise RequestError(400, f"`{field}` must be a boolean, got {value!r}", param=field)
+        return value
+
+    @staticmethod
+    def _integral(request: dict, field: str) -> int | None:
+        """An int field as pydantic reads it: integral floats (2.0) pass, 2.5 and strings do not."""
+        value = request.get(field)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(400, f"`{field}` must be an integer.", param=field)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise RequestError(
+                    400, f"`{field}`: Input should be a valid integer, got a number with a fractional part", param=field
+                )
+            value = int(value)
+        return value
+
+    # -- answers -----------------------------------------------------------------------------------
+
+    def _refuse_nan(self, completion: _Completion, scores: list[TokenScores]) -> None:
+        """vLLM fails the whole request when a returned log-prob is NaN (JSON has no NaN)."""
+        k = completion.top_k or 0
+        for row_scores in scores:
+            logprobs = row_scores.logprobs[:-1] if completion.generate else row_scores.logprobs
+            returned = [logprobs] if completion.top_k is not None and not completion.stream else []
+            if k and row_scores.top_logprobs is not None:
+                returned.append(row_scores.top_logprobs[: len(logprobs), :k])
+            if any(bool(t.isnan().any()) or bool((t == math.inf).any()) for t in returned if t.numel()):
+                raise RequestError(400, NAN_MESSAGE)
+
+    def _choices(self, completion: _Completion, scores: list[TokenScores | None]):
+        """Yield ``(prompt index, choice index, text, finish_reason, token_ids, completion_tokens)``."""
+        for i, prompt in enumerate(completion.prompts):
+            generated: list[int] = []
+            finish_reason = "length"
+            if completion.generate:
+                token = int(scores[i].top_ids[-1, 0])
+                generated = [token]
+                if token in self.eos_token_ids and not completion.ignore_eos:
+                    finish_reason = "stop"
+            text = ""
+            if self.tokenizer is not None and generated:
+                text = self.tokenizer.decode(generated, skip_special_tokens=completion.skip_special_tokens)
+            if completion.echo:
+                prompt_text = completion.prompt_texts[i] if completion.prompt_texts else self.tokenizer.decode(prompt)
+                text = prompt_text + text
+            for j in range(completion.n):
+                yield i, i * completion.n + j, text, finish_reason, generated, len(generated)
+
+    def _usage(self, completion: _Completion) -> dict:
+        prompt_tokens = sum(len(p) for p in completion.prompts)
+        completion_tokens = len(completion.prompts) * completion.n if completion.generate else 0
+        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens": completion_tokens, "prompt_tokens_details": None}
+
+    def _json_body(self, completion: _Completion, scores: list[TokenScores | None]) -> bytes:
+        # Serialised choice by choice with a running byte count: an answer over the cap is refused
+        # once it passes the cap, never built whole in memory first.
+        budget = self.limits.max_response_bytes
+        pieces: list[bytes] = []
+        size = 0
+        prompt_logprobs_json: dict[int, bytes] = {}
+        for i, index, text, finish_reason, generated, _ in self._choices(completion, scores):
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+                "token_ids": generated if completion.return_token_ids else None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": completion.prompts[i] if completion.return_token_ids else None,
+            }
+            head = json.dumps(choice, allow_nan=False).encode()
+            if completion.top_k is not None:
+                if i not in prompt_logprobs_json:
+                    prompt_logprobs_json[i] = self._prompt_logprobs_json(
+                        completion.prompts[i], scores[i], completion.top_k, budget - size, drop_last=completion.generate
+                    )
+                head = head.replace(b'"prompt_logprobs": null', b'"prompt_logprobs": ' + prompt_logprobs_json[i], 1)
+            size += len(head) + 2
+            if size > budget:
+                raise self._too_large(budget)
+            pieces.append(head)
+        envelope = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens},
+            "choices": [],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": self._usage(completion),
         }
+        before, after = json.dumps(envelope).encode().split(b'"choices": []', 1)
+        return b"".join([before, b'"choices": [', b", ".join(pieces), b"]", after])
 
-    def _validate(self, request) -> tuple[list[list[int]], int | None]:
-        if not isinstance(request, dict):
-            raise RequestError(400, "request body must be a JSON object")
-        model = request.get("model")
-        if model is not None and model != self.model_name:
-            raise RequestError(404, f"The model `{model}` does not exist.", error_type="NotFoundError", param="model")
-        for field in ("stream", "echo"):
-            if request.get(field):
-                raise RequestError(400, f"`{field}` is not supported by this scoring server", param=field)
-        if request.get("n") not in (None, 1):
-            raise RequestError(400, "only n = 1 is supported", param="n")
-        max_tokens = request.get("max_tokens")
-        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
-            raise RequestError(400, f"`max_tokens` must be a non-negative integer, got {max_tokens!r}", param="max_tokens")
-        top_k = request.get("prompt_logprobs")
-        if top_k is not None:
-            if not _is_int(top_k) or top_k < 0:
-                raise RequestError(
-                    400,
-                    f"`prompt_logprobs` must be an integer >= 0 (full-vocabulary -1 is not supported), got {top_k!r}",
-                    param="prompt_logprobs",
-                )
-            if top_k > MAX_PROMPT_LOGPROBS:
-                raise RequestError(
-                    400, f"`prompt_logprobs` must be at most {MAX_PROMPT_LOGPROBS}, got {top_k}", param="prompt_logprobs"
-                )
-
-        prompt = request.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-            sequences = prompt
-        elif isinstance(prompt, list) and prompt and not any(isinstance(t, (list, str)) for t in prompt):
-            sequences = [prompt]
-        else:
-            raise RequestError(
-                400,
-                "`prompt` must be a non-empty list of token ids or a list of such lists (text prompts are not supported)",
-                param="prompt",
-            )
-        vocab_size = self.teacher.vocab_size
-        for i, sequence in enumerate(sequences):
-            if not sequence:
-                raise RequestError(400, f"prompt {i} is empty", param="prompt")
-            bad = next((j for j, t in enumerate(sequence) if not _is_int(t) or not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise RequestError(
-                    400, f"prompt {i} position {bad} holds {sequence[bad]!r}, not a token id in [0, {vocab_size})", param="prompt"
-                )
-            if self.max_model_len is not None and len(sequence) > self.max_model_len:
-                raise RequestError(
-                    400, f"prompt {i} has {len(sequence)} tokens, more than max_model_len {self.max_model_len}", param="prompt"
-                )
-        return sequences, top_k
-
-    def _prompt_logprobs(self, sequence: list[int], scores: TokenScores, top_k: int) -> list:
+    def _prompt_logprobs_json(self, sequence: list[int], scores: TokenScores, top_k: int, budget: int, *, drop_last: bool) -> bytes:
         # Plain lists first: indexing tensors element by element is slow for 10k-token rows.
-        logprobs, ranks = scores.logprobs.tolist(), scores.ranks.tolist()
-        top_ids = scores.top_ids[:, :top_k].tolist() if top_k else None
-        top_logprobs = scores.top_logprobs[:, :top_k].tolist() if top_k else None
-        entries: list = [None]
+        positions = len(sequence) - 1
+        logprobs, ranks = scores.logprobs[:positions].tolist(), scores.ranks[:positions].tolist()
+        top_ids = scores.top_ids[:positions, :top_k].tolist() if top_k else None
+        top_logprobs = scores.top_logprobs[:positions, :top_k].tolist() if top_k else None
+        pieces = [b"[null"]
+        size = len(pieces[0])
         for position, token in enumerate(sequence[1:]):
             # The actual token first, then the top-k (once each: a dict), as vLLM orders them.
             entry = {str(token): self._logprob_entry(token, logprobs[position], ranks[position])}
             if top_k:
                 for rank, (top_id, value) in enumerate(zip(top_ids[position], top_logprobs[position]), start=1):
                     entry.setdefault(str(top_id), self._logprob_entry(top_id, value, rank))
-            entries.append(entry)
-        return entries
+            piece = json.dumps(entry, allow_nan=False).encode()
+            size += len(piece) + 2
+            if size > budget:
+                raise self._too_large(self.limits.max_response_bytes)
+            pieces.append(piece)
+        return b", ".join(pieces) + b"]"
+
+    def _stream_body(self, completion: _Completion, scores: list[TokenScores | None]) -> bytes:
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        events = []
+        for i, index, text, finish_reason, generated, _ in self._choices(completion, scores):
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+            if completion.return_token_ids:
+                choice.update(prompt_token_ids=completion.prompts[i], token_ids=generated)
+            chunk = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                     "choices": [choice], "usage": None}
+            events.append(chunk)
+        if completion.include_usage:
+            events.append({"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                           "choices": [], "usage": self._usage(completion)})
+        body = b"".join(b"data: " + json.dumps(e, allow_nan=False).encode() + b"\n\n" for e in events)
+        body += b"data: [DONE]\n\n"
+        if len(body) > self.limits.max_response_bytes:
+            raise self._too_large(self.limits.max_response_bytes)
+        return body
+
+    @staticmethod
+    def _too_large(budget: int) -> RequestError:
+        return RequestError(
+            413, f"the answer is over this server's --max-response-bytes {budget}; send fewer tokens per request",
+            error_type="PayloadTooLarge", param="prompt",
+        )
 
     def _logprob_entry(self, token: int, logprob: float, rank: int) -> dict:
         # vLLM's clamp_prompt_logprobs: -inf is not JSON, -9999.0 stands in for it.
-        logprob = VLLM_NEG_INF_LOGPROB if logprob == float("-inf") else logprob
+        logprob = VLLM_NEG_INF_LOGPROB if logprob == -math.inf else logprob
         return {"logprob": logprob, "rank": rank, "decoded_token": self._decode(token)}
 
     def _decode(self, token: int) -> str | None:
@@ -276,94 +683,328 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: TeacherHTTPServer
-    # Keep-alive, so ServerTeacher's sessions reuse their connections.
-    protocol_version = "HTTP/1.1"
+# == HTTP =============================================================================================
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
-        logger.debug("%s " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        self._respond(lambda: self._route_get(path))
-
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
-        self._respond(lambda: self._route_post(path))
-
-    def _route_get(self, path: str) -> dict:
-        if path == "/health":
-            return {"status": "ok"}
-        if path == "/v1/models":
-            self._check_api_key()
-            return self.server.service.models()
-        raise RequestError(404, f"no route for GET {path}", error_type="NotFoundError")
-
-    def _route_post(self, path: str) -> dict:
-        body = self._read_body()
-        if path != "/v1/completions":
-            raise RequestError(404, f"no route for POST {path}", error_type="NotFoundError")
-        self._check_api_key()
-        try:
-            request = json.loads(body)
-        except ValueError as exc:
-            raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-        return self.server.service.completions(request)
-
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise RequestError(411, "a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            # The body is left unread, so this connection cannot carry another request.
-            self.close_connection = True
-            raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(int(length))
-
-    def _check_api_key(self) -> None:
-        expected = self.server.api_key
-        if expected is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            raise RequestError(401, "invalid or missing API key", error_type="authentication_error")
-
-    def _respond(self, route) -> None:
-        try:
-            status, body = 200, route()
-        except RequestError as exc:
-            status, body = exc.status, exc.body()
-        except Exception:
-            logger.exception("teacher server failed on %s %s", self.command, self.path)
-            status, body = 500, RequestError(500, "internal server error", error_type="server_error").body()
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[!-~]*) HTTP/1\.([01])")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
+_GUARDED_PREFIX = "/v1"
 
 
-class TeacherHTTPServer(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` bound to a :class:`TeacherService`; ``server_close`` also stops its worker."""
+@dataclass
+class _Request:
+    method: str
+    path: str
+    keep_alive: bool
+    headers: dict[bytes, bytes]
 
-    daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], service: TeacherService, *, api_key: str | None = None) -> None:
+def _parse_head(head: bytes, limits: ServerLimits) -> _Request:
+    """Strict HTTP/1.1 request line and headers (RFC 9112): anything ambiguous is a 400."""
+    lines = head.split(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        raise _http_error(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
+    method, target, minor = match.group(1).decode(), match.group(2).decode(), match.group(3)
+    if len(lines) - 1 > limits.max_headers:
+        raise _http_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {limits.max_headers} headers", close=True)
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:  # also obsolete line folding, a space before the colon, control bytes
+            raise _http_error(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:80]!r}", close=True)
+        name, value = header.group(1).lower(), header.group(2)
+        if name in headers:
+            if name in (b"content-length", b"host", b"authorization", b"transfer-encoding"):
+                raise _http_error(HTTPStatus.BAD_REQUEST, f"duplicate {name.decode()} header", close=True)
+            headers[name] += b", " + value
+        else:
+            headers[name] = value
+    if minor == b"1" and b"host" not in headers:
+        raise _http_error(HTTPStatus.BAD_REQUEST, "missing Host header", close=True)
+    connection = {t.strip() for t in headers.get(b"connection", b"").lower().split(b",")}
+    keep_alive = b"close" not in connection if minor == b"1" else b"keep-alive" in connection
+    return _Request(method, target.split("?", 1)[0], keep_alive, headers)
+
+
+def _content_length(request: _Request) -> int:
+    if b"transfer-encoding" in request.headers:
+        raise _http_error(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding bodies are not accepted; send Content-Length",
+                          close=True)
+    value = request.headers.get(b"content-length")
+    if value is None:
+        if request.method == "POST":
+            raise _http_error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required", close=True)
+        return 0
+    if _CONTENT_LENGTH.fullmatch(value) is None:  # ASCII digits only: '²'.isdigit() is True, int('²') fails
+        raise _http_error(HTTPStatus.BAD_REQUEST, f"malformed Content-Length {value[:40]!r}", close=True)
+    return int(value)
+
+
+class _RateLimitedLog:
+    """At most one record per ``interval_s`` for a noisy event, with the count of those not logged."""
+
+    def __init__(self, message: str, interval_s: float = 60.0) -> None:
+        self.message, self.interval_s = message, interval_s
+        self._last, self._suppressed = -math.inf, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, detail: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._last = self._suppressed, 0, now
+        logger.warning("%s (%s; %d more in the last %.0f s not logged)", self.message, detail, suppressed, self.interval_s)
+
+
+class _Connection:
+    __slots__ = ("writer", "state", "since")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.set("idle")
+
+    def set(self, state: str) -> None:
+        self.state = state  # idle | reading | busy | evicted
+        self.since = time.monotonic()
+
+    def evictable(self, now: float) -> bool:
+        # A new client sends its request within milliseconds of connecting: only connections that have
+        # sat idle, or have been sending one request for a while (slowloris), make room for others.
+        return (self.state == "idle" and now - self.since >= _EVICTABLE_IDLE_S) or (
+            self.state == "reading" and now - self.since >= _EVICTABLE_READING_S
+        )
+
+
+_EVICTABLE_IDLE_S = 0.25
+_EVICTABLE_READING_S = 1.0
+
+
+class TeacherHTTPServer:
+    """The asyncio HTTP/1.1 server around a :class:`TeacherService`; binds at construction.
+
+    ``serve_forever()`` runs it in the calling thread; ``shutdown()`` (from any
+    thread) stops it; ``server_close()`` releases the socket and the model worker.
+    """
+
+    def __init__(self, address: tuple[str, int], service: TeacherService, *, api_key: str | None = None,
+                 limits: ServerLimits | None = None) -> None:
         self.service = service
-        self.api_key = api_key
-        super().__init__(address, _Handler)
+        self.limits = limits or service.limits
+        self._api_key_hash = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self.max_connections = _connection_cap(self.limits.max_connections)
+        self._socket = socket.create_server(address, backlog=self.limits.backlog)
+        self.server_address = self._socket.getsockname()
+        self._pool = ThreadPoolExecutor(self.limits.worker_threads, thread_name_prefix="teacher-http")
+        self._connections: dict[_Connection, None] = {}  # insertion order: oldest first
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started, self._stopped = threading.Event(), threading.Event()
+        self._log_disconnect = _RateLimitedLog("client connection dropped")
+        self._log_loop_error = _RateLimitedLog("connection error")
+        self.counters = {"evicted": 0, "refused_at_cap": 0, "timed_out": 0, "disconnects": 0}
+        self._routes: dict[str, dict[str, Callable]] = {
+            "/health": {"GET": lambda body: (200, "application/json", b"")},
+            "/version": {"GET": lambda body: self._json(self.service.version())},
+            "/v1/models": {"GET": lambda body: self._json(self.service.models())},
+            "/v1/completions": {"POST": lambda body: (200, *self.service.completions(_load_json(body)))},
+            "/tokenize": {"POST": lambda body: self._json(self.service.tokenize(_load_json(body)))},
+            "/detokenize": {"POST": lambda body: self._json(self.service.detokenize(_load_json(body)))},
+        }
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    @staticmethod
+    def _json(body: dict) -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(body, allow_nan=False).encode()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        loop.set_exception_handler(lambda _, context: self._log_loop_error(str(context.get("message"))))
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serving and wait until ``serve_forever`` has returned (safe from signal handlers too)."""
+        self.request_shutdown()
+        if self._started.is_set():
+            self._stopped.wait(timeout=30)
+
+    def request_shutdown(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
     def server_close(self) -> None:
-        super().server_close()
+        self._socket.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.service.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(
+            self._handle, sock=self._socket, backlog=self.limits.backlog, limit=self.limits.max_header_bytes
+        )
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for connection in list(self._connections):
+                connection.writer.transport.abort()
+            await asyncio.sleep(0)
+
+    # -- one connection ----------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(writer)
+        if len(self._connections) >= self.max_connections and not self._evict_one():
+            # Every connection has a request in progress: refuse this one now rather than queue it.
+            self.counters["refused_at_cap"] += 1
+            await self._send_error(writer, _http_error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                                       "too many connections; retry shortly", close=True))
+            writer.transport.abort()
+            return
+        self._connections[connection] = None
+        try:
+            while await self._one_request(connection, reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            if connection.state in ("reading", "busy"):
+                self.counters["disconnects"] += 1
+                self._log_disconnect(f"{type(exc).__name__} while {connection.state}")
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.pop(connection, None)
+            writer.close()
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection with no request being answered; False when there is none."""
+        now = time.monotonic()
+        for connection in self._connections:
+            if connection.evictable(now):
+                connection.set("evicted")
+                self._connections.pop(connection)
+                connection.writer.transport.abort()
+                self.counters["evicted"] += 1
+                return True
+        return False
+
+    async def _one_request(self, connection: _Connection, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> bool:
+        """Read, answer and write one request; True when the connection may carry another."""
+        limits = self.limits
+        connection.set("idle")
+        try:
+            first = await asyncio.wait_for(reader.readexactly(1), limits.keep_alive_timeout_s)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False  # idle too long, or the client closed between requests: both normal
+        connection.set("reading")
+        deadline = time.monotonic() + limits.request_read_timeout_s
+        try:
+            try:
+                rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limits.request_read_timeout_s)
+            except asyncio.LimitOverrunError:
+                raise _http_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                  f"request line and headers over {limits.max_header_bytes} bytes", close=True) from None
+            request = _parse_head((first + rest)[:-4], limits)
+            handler = self._route(request)
+            length = _content_length(request)
+            if length > limits.max_body_bytes:
+                raise RequestError(413, f"request body of {length} bytes is over this server's --max-request-bytes "
+                                   f"{limits.max_body_bytes}", error_type="PayloadTooLarge", close=True)
+            body = b""
+            if length:
+                body = await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            self.counters["timed_out"] += 1
+            await self._send_error(writer, _http_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time",
+                                                       close=True))
+            return False
+        except RequestError as exc:
+            await self._send_error(writer, exc)
+            return False  # what follows on this connection cannot be trusted to be a request boundary
+
+        connection.set("busy")
+        try:
+            status, content_type, payload = await asyncio.get_running_loop().run_in_executor(self._pool, handler, body)
+            close = False
+        except RequestError as exc:
+            status, content_type, payload, close = exc.status, "application/json", json.dumps(exc.body()).encode(), exc.close
+        except Exception:
+            logger.exception("teacher server failed on %s %s", request.method, request.path)
+            error = RequestError(500, "internal server error", error_type="InternalServerError")
+            status, content_type, payload, close = 500, "application/json", json.dumps(error.body()).encode(), False
+        keep_alive = request.keep_alive and not close
+        await self._send(writer, status, content_type, payload, keep_alive)
+        return keep_alive
+
+    def _route(self, request: _Request) -> Callable:
+        methods = self._routes.get(request.path)
+        if methods is None:
+            raise _http_error(HTTPStatus.NOT_FOUND, close=_has_body(request))
+        if request.method not in methods:
+            raise _http_error(HTTPStatus.METHOD_NOT_ALLOWED, close=_has_body(request))
+        if self._api_key_hash is not None and request.path.startswith(_GUARDED_PREFIX):
+            scheme, _, token = request.headers.get(b"authorization", b"").partition(b" ")
+            given = hashlib.sha256(token).digest()
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self._api_key_hash):
+                raise RequestError(401, "Unauthorized", body={"error": "Unauthorized"}, close=_has_body(request))
+        return methods[request.method]
+
+    async def _send_error(self, writer: asyncio.StreamWriter, error: RequestError) -> None:
+        await self._send(writer, error.status, "application/json", json.dumps(error.body()).encode(), keep_alive=False)
+
+    async def _send(self, writer: asyncio.StreamWriter, status: int, content_type: str, payload: bytes,
+                    keep_alive: bool) -> None:
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            f"content-type: {content_type}\r\ncontent-length: {len(payload)}\r\n"
+            f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        ).encode()
+        writer.write(head)
+        writer.write(payload)
+        try:
+            await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
+        except asyncio.TimeoutError:
+            self.counters["timed_out"] += 1
+            writer.transport.abort()
+            raise ConnectionAbortedError("client did not read the answer in time") from None
+
+
+def _has_body(request: _Request) -> bool:
+    return request.headers.get(b"content-length", b"0") not in (b"0",) or b"transfer-encoding" in request.headers
+
+
+def _load_json(body: bytes):
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise RequestError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _connection_cap(requested: int) -> int:
+    """Keep open connections below the descriptor limit, so ``accept`` never fails for want of one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Descriptors the process needs besides connections: model files, pipes, the tokenizer, logging.
+    reserve = 64
+    cap = min(requested, max(soft - reserve, 1)) if soft != resource.RLIM_INFINITY else requested
+    if cap < requested:
+        logger.warning("--max-connections %d lowered to %d: the descriptor limit (ulimit -n) is %d", requested, cap, soft)
+    return cap
 
 
 def _api_key_from_env(api_key_env: str | None) -> str | None:
@@ -389,6 +1030,7 @@ def build_server(
     served_model_name: str | None = None,
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
+    limits: ServerLimits | None = None,
 ) -> TeacherHTTPServer:
     """Load the teacher (and its tokenizer, if the checkpoint has one) and bind the server; not yet serving."""
     api_key = _api_key_from_env(api_key_env)
@@ -400,11 +1042,18 @@ def build_server(
     except Exception as exc:  # decoded_token is cosmetic; scoring needs no tokenizer
         logger.warning("no tokenizer loaded from %s (%s); decoded_token will be null", model_path, exc)
         tokenizer = None
+    position_limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_model_len is None:
-        max_model_len = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        max_model_len = position_limit
+    elif max_model_len < 1 or (position_limit is not None and max_model_len > position_limit):
+        raise ValueError(f"--max-model-len {max_model_len} must be in [1, {position_limit}] (the model's "
+                         "max_position_embeddings)")
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_token_ids = set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
     teacher = InProcessTeacher(model, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
     service = TeacherService(
-        teacher, model_name=served_model_name or model_path, tokenizer=tokenizer, max_model_len=max_model_len
+        teacher, model_name=served_model_name or model_path, tokenizer=tokenizer, max_model_len=max_model_len,
+        limits=limits, eos_token_ids=eos_token_ids,
     )
     try:
         return TeacherHTTPServer((host, port), service, api_key=api_key)
@@ -422,10 +1071,12 @@ def start_server(model_path: str, host: str = "127.0.0.1", port: int = 0, **kwar
     server = build_server(model_path, host, port, **kwargs)
     thread = threading.Thread(target=server.serve_forever, name="teacher-http", daemon=True)
     thread.start()
+    server._started.wait(timeout=30)
     return server, thread
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerLimits()
     parser.add_argument("--model", required=True, metavar="PATH_OR_ID", help="teacher checkpoint directory or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (printed at start)")
@@ -438,9 +1089,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="name for /v1/models and the 'model' field (default: --model)")
     parser.add_argument(
-        "--max-model-len", type=int, default=None, help="longest accepted prompt (default: the model's max_position_embeddings)"
+        "--max-model-len", type=int, default=None,
+        help="context length in tokens, as vLLM's (default: the model's max_position_embeddings)",
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoint")
+    limits = parser.add_argument_group("limits against hostile or runaway clients")
+    limits.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections (kept below ulimit -n); at the cap the oldest idle one is closed")
+    limits.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive_timeout_s,
+                        help="seconds a connection may wait for its next request")
+    limits.add_argument("--request-timeout", type=float, default=defaults.request_read_timeout_s,
+                        help="seconds from a request's first byte to its last")
+    limits.add_argument("--max-request-bytes", type=int, default=defaults.max_body_bytes, help="request body cap")
+    limits.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
+                        help="prompt tokens per request")
+    limits.add_argument("--max-response-bytes", type=int, default=defaults.max_response_bytes,
+                        help="response body cap (413 above it)")
+
+
+def _limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(
+        max_connections=args.max_connections,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        request_read_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_request_bytes,
+        max_request_tokens=args.max_request_tokens,
+        max_response_bytes=args.max_response_bytes,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -458,15 +1133,13 @@ def main(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name,
             max_model_len=args.max_model_len,
             trust_remote_code=args.trust_remote_code,
+            limits=_limits_from_args(args),
         )
     except (ValueError, OSError) as exc:
         print(f"scope serve-teacher: {exc}", flush=True)
         return 2
 
-    def stop_on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.request_shutdown())
     # Parsed by tests and scripts that start the server with --port 0.
     print(f"scope serve-teacher: serving {server.service.model_name!r} on {server.url}", flush=True)
     try:
