@@ -187,6 +187,16 @@ def test_kd_text_prompts_stay_text_for_teacher_and_student(tmp_path):
         assert row["input_ids"][:cut] == tokenizer(text)["input_ids"]
 
 
+def test_kd_on_no_training_rows_is_a_clear_error(tmp_path, char_tokenizer):
+    empty = Dataset.from_dict({"prompt": [], "answer": []})
+    with pytest.raises(ValueError, match="no rows"):
+        build_kd_trainer(build_tiny_qwen2(char_tokenizer), char_tokenizer, empty, kd_args(tmp_path),
+                         teacher_model=build_tiny_qwen2(char_tokenizer, seed=1), progress=False)
+    with pytest.raises(ValueError, match="no answer column 'answer'"):
+        build_kd_trainer(build_tiny_qwen2(char_tokenizer), char_tokenizer, Dataset.from_dict({"prompt": ["a"]}),
+                         kd_args(tmp_path), teacher_model=build_tiny_qwen2(char_tokenizer, seed=1), progress=False)
+
+
 def test_kd_resume_rejects_sample_files_without_token_ids(tmp_path, char_tokenizer):
     args = kd_args(tmp_path)
     os.makedirs(args.output_dir)

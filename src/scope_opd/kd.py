@@ -155,6 +155,8 @@ def generate_teacher_dataset(
         )
     prompts = list(train_dataset["prompt"])
     golds = list(train_dataset[args.answer_field])
+    if not prompts:
+        raise ValueError("KD: the training data has no rows, so there is nothing for the teacher to solve")
     rank, world_size = args.process_index, args.world_size
     shard = rank_shard(len(prompts), rank, world_size)
     settings = _sampling_settings(args, seed=args.seed + rank)
@@ -290,6 +292,10 @@ def build_kd_trainer(
         finally:
             if loaded_here:
                 del teacher_model  # free the accelerator for the SFT run
+                if args.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.empty_cache()
         if args.process_index == 0:
             os.makedirs(args.output_dir, exist_ok=True)
             tmp = kd_data_path.with_suffix(".jsonl.tmp")
