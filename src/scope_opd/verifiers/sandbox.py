@@ -645,17 +645,27 @@ class _Output:
 
 
 def _communicate(process: subprocess.Popen, output: _Output, deadline: float) -> bool:
-    """Reads the run's stdout and stderr pipes until both close; False at the deadline or over the budget."""
+    """Reads the run's stdout and stderr pipes until both close, or until the process exits and
+    what it wrote is drained (without a pid namespace, a process that left the group can hold
+    the pipes open); False at the deadline or over the budget."""
     streams = {process.stdout.fileno(): False, process.stderr.fileno(): True}
     poller = select.poll()
     for fd in streams:
+        os.set_blocking(fd, False)
         poller.register(fd, select.POLLIN)
+    exited = False
     while streams:
         left_s = deadline - time.monotonic()
         if left_s <= 0:
             return False
-        for fd, _ in poller.poll(max(1, int(left_s * 1000))):
-            chunk = os.read(fd, 1 << 16)
+        ready = poller.poll(max(1, int(min(left_s, 0.05) * 1000)))
+        if not ready and exited:
+            return True  # drained: nothing more since the process exited
+        for fd, _ in ready:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
             if not chunk:
                 poller.unregister(fd)
                 del streams[fd]
@@ -663,6 +673,7 @@ def _communicate(process: subprocess.Popen, output: _Output, deadline: float) ->
             output.add(streams[fd], chunk)
             if output.over_budget:
                 return False
+        exited = exited or process.poll() is not None
     return True
 
 
