@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl
 
 from scope_opd.analysis import (
     BUCKETS,
@@ -230,9 +231,10 @@ def test_scope_analyze_recovery_end_to_end_writes_json_markdown_and_plot(tiny_pa
     assert results["counts"]["samples"] == 12 and results["counts"]["analysed"] >= 4
     # recovery.json keeps verdicts, solutions.jsonl the texts.
     compact = results["solutions"][0]
-    assert "solution" not in compact and set(compact["truncations"]) == set(RATIOS)
-    full = [json.loads(line) for line in (out / "solutions.jsonl").read_text().splitlines()]
+    assert "solution" not in compact and "token_ids" not in compact and set(compact["truncations"]) == set(RATIOS)
+    full = read_jsonl(out / "solutions.jsonl")
     assert len(full) == len(results["solutions"])
+    assert all(len(s["token_ids"]) == s["scored_tokens"] for s in full)
     assert all("text" in c for c in full[0]["truncations"]["0.2"]["continuations"])
 
     report = (out / "recovery.md").read_text()

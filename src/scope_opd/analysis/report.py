@@ -1,9 +1,11 @@
 """Outputs of ``scope analyze recovery``: recovery.json, solutions.jsonl, recovery.md, recovery.png.
 
 * ``recovery.json``: the dictionary :func:`~scope_opd.analysis.recovery.run_recovery_analysis`
-  returns, with each per-solution record kept but its texts (the solution and the
-  teacher's continuations) left out, so the file stays small at paper scale;
-* ``solutions.jsonl``: the full records, texts included, one solution a line;
+  returns, with each per-solution record kept but its texts and ids (the solution, its
+  sampled token ids and the teacher's continuations) left out, so the file stays small
+  at paper scale;
+* ``solutions.jsonl``: the full records, texts and the scored token ids included, one
+  solution a line;
 * ``recovery.md``: paper Tables 6 and 7 with the paper's numbers beside ours, and
   a short reading;
 * ``recovery.png``: recovery rate against truncation ratio, one line per quartile (Fig. 1b).
@@ -230,7 +232,7 @@ def plot_recovery(results: dict, path: str | Path) -> Path:
 
 
 def _without_texts(record: dict) -> dict:
-    compact = {k: v for k, v in record.items() if k not in ("solution", "truncations")}
+    compact = {k: v for k, v in record.items() if k not in ("solution", "token_ids", "truncations")}
     compact["truncations"] = {
         key: None
         if t is None
