@@ -1,35 +1,61 @@
-"""Seconds per training step, GRPO vs OPD vs SCOPE, same batch, same machine, interleaved.
+"""Seconds per training step, GRPO vs OPD vs SCOPE (synchronous and overlapped), same batch, interleaved.
 
 Prints a paper-Table-8-style breakdown (generation, old log-prob, reference log-prob,
-reward, teacher scoring, update) from the trainer's own ``timing/*`` metrics and the
-ratio ``(SCOPE step - teacher time) / GRPO step``: what SCOPE costs beyond the teacher.
-GRPO is measured twice: TRL's default (beta = 0: no reference model, and no separate
+reward, teacher scoring, update) from the trainer's own ``timing/*`` metrics. "teacher" is
+the time the trainer waits for the teacher; with ``teacher_overlap`` the teacher also works
+in the background while later chunks generate ("teacher (background)", not part of the
+step). GRPO is measured twice: TRL's default (beta = 0: no reference model, and no separate
 old-log-prob pass when steps are aligned) and the paper's (beta = 1e-4: a reference pass).
 
-    python benchmarks/bench_step.py                      # CPU, the toy teacher/student
-    python benchmarks/bench_step.py --random-qwen2 0.5b  # GPU: random ~0.5B student, ~1.5B teacher, bf16
+    python benchmarks/bench_step.py                         # CPU, toy models, in-process teacher
+    python benchmarks/bench_step.py --teacher server        # teacher in its own `scope serve-teacher` process
+    python benchmarks/bench_step.py --random-qwen2 0.5b --teacher server   # GPU: ~0.5B student, ~1.5B teacher, bf16
 
-Rounds interleave the methods (A B C A B C ...) so machine noise hits all alike; the
-table shows medians over rounds after one warm-up round.
+With ``--teacher server`` on a CPU machine the trainer and the teacher server get one torch
+thread and one core each (``--pin``, default on), so the teacher's work runs beside the
+trainer's rather than on top of it. Rounds interleave the methods (A B C A B C ...) so machine
+noise hits all alike; the table shows medians over rounds after one warm-up round. The last
+line reads ``SCOPE/GRPO step ratio: X (sync Y)``: the overlapped and the synchronous SCOPE step
+over TRL's default GRPO step (beta 0), measured side by side in this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 
 PHASES = ("generation", "old_logprob", "ref_logprob", "reward", "teacher", "update")
+BACKGROUND = "teacher_overlapped"  # seconds the overlapped teacher worked beside the step (not part of it)
 METHODS = {
     "grpo(beta=0)": dict(algorithm="grpo", beta=0.0),
     "grpo(beta=1e-4)": dict(algorithm="grpo", beta=1e-4),
     "opd": dict(algorithm="opd"),
-    "scope": dict(algorithm="scope"),
+    "scope(sync)": dict(algorithm="scope"),
+    "scope(overlap)": dict(algorithm="scope", teacher_overlap=True),
 }
+
+
+def start_teacher_server(path: str, device: str, dtype: str, core: int | None, batch_size: int):
+    """`scope serve-teacher` in its own process on 127.0.0.1 (one torch thread, pinned to ``core``): (process, url)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    command = [sys.executable, "-m", "scope_opd.cli", "serve-teacher", "--model", path, "--host", "127.0.0.1",
+               "--port", "0", "--device", device, "--dtype", dtype, "--batch-size", str(batch_size)]
+    if core is not None:
+        command = ["taskset", "-c", str(core), *command]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"scope serve-teacher did not start (exit {proc.wait()}): {line!r}")
+    return proc, line.rsplit(" on ", 1)[1].strip()
 
 RANDOM_SIZES = {  # (hidden, layers, heads, kv_heads, intermediate) roughly Qwen2-0.5B / 1.5B shaped
     "0.5b": ((896, 24, 14, 2, 4864), (1536, 28, 12, 2, 8960)),
@@ -61,17 +87,32 @@ def build_random_pair(size: str, root: str, dtype: torch.dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", help="student path (default: toy student)")
-    parser.add_argument("--teacher", help="teacher path (default: toy teacher)")
+    parser.add_argument("--teacher-path", help="teacher path (default: toy teacher)")
     parser.add_argument("--random-qwen2", choices=sorted(RANDOM_SIZES), help="use randomly initialised Qwen2-shaped models")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     parser.add_argument("--steps-per-round", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --teacher server)")
+    parser.add_argument("--teacher", choices=("in-process", "server"), default="in-process",
+                        help="in-process: the teacher model in the trainer's process; server: `scope serve-teacher` on 127.0.0.1")
+    parser.add_argument("--chunk-groups", type=int, default=0,
+                        help="scope(overlap): 0 (default) sends each row to the teacher when it emits EOS inside one "
+                        "generate call; k > 0 generates k prompt groups at a time (the vLLM way)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="CPU with --teacher server: do not pin the trainer and the server to one core each")
     args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    pin = args.pin and args.teacher == "server" and not cuda and len(os.sched_getaffinity(0)) >= 2
+    if args.teacher == "server" and args.threads is None and not cuda:
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    cores = sorted(os.sched_getaffinity(0))
+    if pin:
+        os.sched_setaffinity(0, {cores[0]})
+    chunk_groups = args.chunk_groups
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -79,13 +120,12 @@ def main():
     from scope_opd.toy.task import toy_dataset
     from scope_opd.trainer import SCOPEConfig, SCOPETrainer
 
-    cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     workdir = tempfile.mkdtemp(prefix="bench_step_")
     if args.random_qwen2:
         paths = build_random_pair(args.random_qwen2, workdir, dtype)
-    elif args.student and args.teacher:
-        paths = {"student": args.student, "teacher": args.teacher}
+    elif args.student and args.teacher_path:
+        paths = {"student": args.student, "teacher": args.teacher_path}
     else:
         from scope_opd.toy.models import ensure_toy_models
 
@@ -94,16 +134,28 @@ def main():
     prompts = toy_dataset("train", args.prompts * (args.rounds + 1) * args.steps_per_round * 4, seed=0)
     dataset = Dataset.from_dict({"prompt": prompts["prompt"], "answer": prompts["answer"]})
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
+    server = None
+    if args.teacher == "server":
+        server, url = start_teacher_server(paths["teacher"], "cuda" if cuda else "cpu", "bfloat16" if cuda else "float32",
+                                           cores[1] if pin else None, batch_size=8)
 
     trainers, initial_weights = {}, None
     for name, overrides in METHODS.items():
+        overrides = dict(overrides)
+        if overrides.get("teacher_overlap"):
+            overrides["rollout_chunk_groups"] = chunk_groups
+        uses_teacher = overrides["algorithm"] != "grpo"
+        teacher = {}
+        if uses_teacher and server is not None:
+            teacher = dict(teacher_server_url=url, teacher_tokenizer=paths["teacher"])
+        elif uses_teacher:
+            teacher = dict(teacher_model=paths["teacher"])
         config = SCOPEConfig(
             output_dir=f"{workdir}/{name}", per_device_train_batch_size=args.prompts * args.generations,
             num_generations=args.generations, max_completion_length=args.max_completion_length,
             max_steps=args.steps_per_round, logging_steps=1, report_to=[], save_strategy="no",
             use_cpu=not cuda, bf16=cuda, seed=0, verifier="exact", disable_tqdm=True,
-            teacher_model=None if overrides["algorithm"] == "grpo" else paths["teacher"],
-            **overrides,
+            **teacher, **overrides,
         )
         model = AutoModelForCausalLM.from_pretrained(paths["student"], dtype=dtype)
         if initial_weights is None:
@@ -112,6 +164,16 @@ def main():
         trainers[name].remove_callback(PrinterCallback)  # the table below is the output
 
     per_method = {name: [] for name in METHODS}
+    try:
+        run_rounds(args, trainers, initial_weights, per_method)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+    report(args, per_method, paths, dtype, cuda, chunk_groups, pin)
+
+
+def run_rounds(args, trainers, initial_weights, per_method):
     for round_index in range(args.rounds + 1):
         for name, trainer in trainers.items():
             # Every round starts from the same student, so each method samples from the same policy.
@@ -127,27 +189,36 @@ def main():
                 row = {phase: h.get(f"timing/{phase}", 0.0) for phase in PHASES}
                 row["total"] = sum(row.values())
                 row["wall"] = wall
+                # Logged once per generation batch (= per step here), absent when nothing ran in the background.
+                row[BACKGROUND] = h.get(f"timing/{BACKGROUND}", 0.0)
                 per_method[name].append(row)
 
-    device = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}"
-    print(f"machine: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {dtype}")
+
+def report(args, per_method, paths, dtype, cuda, chunk_groups, pin):
+    device = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    where = "in-process" if args.teacher == "in-process" else "server (scope serve-teacher, own process" + (
+        ", trainer and server pinned to one core each)" if pin else ")")
+    print(f"machine: {device}, torch {torch.__version__}, trainer threads {torch.get_num_threads()}, dtype {dtype}")
     print(f"batch: {args.prompts} prompts x {args.generations} rollouts, max {args.max_completion_length} new tokens; "
-          f"student {paths['student']}, teacher {paths['teacher']}")
-    medians = {
-        name: {key: statistics.median(r[key] for r in rows) for key in (*PHASES, "total", "wall")}
-        for name, rows in per_method.items()
-    }
-    header = "| phase (s/step) | " + " | ".join(METHODS) + " |"
-    print(header)
+          f"student {paths['student']}, teacher {paths['teacher']} ({where}); scope(overlap): "
+          f"{'rows sent at EOS' if not chunk_groups else f'chunks of {chunk_groups} prompt groups'}; median of {args.rounds} rounds x {args.steps_per_round} steps")
+    keys = (*PHASES, "total", BACKGROUND)
+    medians = {name: {key: statistics.median(r[key] for r in rows) for key in keys} for name, rows in per_method.items()}
+    spread = {name: (min(r["total"] for r in rows), max(r["total"] for r in rows)) for name, rows in per_method.items()}
+    print("| phase (s/step) | " + " | ".join(METHODS) + " |")
     print("|" + "---|" * (len(METHODS) + 1))
-    for key in (*PHASES, "total"):
-        print(f"| {key} | " + " | ".join(f"{medians[m][key]:.3f}" for m in METHODS) + " |")
-    scope, opd = medians["scope"], medians["opd"]
-    for baseline in ("grpo(beta=0)", "grpo(beta=1e-4)"):
-        ratio = (scope["total"] - scope["teacher"]) / medians[baseline]["total"]
-        print(f"(SCOPE step - teacher) / {baseline} step = {ratio:.3f}")
-    print(f"teacher share of a SCOPE step = {scope['teacher'] / scope['total']:.1%} (paper Table 8: 31%)")
-    print(f"(OPD step - teacher) / grpo(beta=0) step = {(opd['total'] - opd['teacher']) / medians['grpo(beta=0)']['total']:.3f}")
+    labels = {BACKGROUND: "teacher (background)"}
+    for key in keys:
+        print(f"| {labels.get(key, key)} | " + " | ".join(f"{medians[m][key]:.3f}" for m in METHODS) + " |")
+    print("| total min-max | " + " | ".join(f"{spread[m][0]:.3f}-{spread[m][1]:.3f}" for m in METHODS) + " |")
+    grpo = medians["grpo(beta=0)"]["total"]
+    sync, overlap, opd = medians["scope(sync)"], medians["scope(overlap)"], medians["opd"]
+    print(f"(SCOPE sync step - teacher) / grpo(beta=0) step = {(sync['total'] - sync['teacher']) / grpo:.3f}")
+    print(f"SCOPE/grpo(beta=1e-4) step ratio: {overlap['total'] / medians['grpo(beta=1e-4)']['total']:.3f} "
+          f"(sync {sync['total'] / medians['grpo(beta=1e-4)']['total']:.3f})")
+    print(f"teacher share of a synchronous SCOPE step = {sync['teacher'] / sync['total']:.1%} (paper Table 8: 31%)")
+    print(f"OPD/grpo(beta=0) step ratio = {opd['total'] / grpo:.3f}")
+    print(f"SCOPE/GRPO step ratio: {overlap['total'] / grpo:.3f} (sync {sync['total'] / grpo:.3f})")
 
 
 if __name__ == "__main__":
