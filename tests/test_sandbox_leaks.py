@@ -347,6 +347,28 @@ def test_deep_directories_are_cleaned_up_without_a_mount_namespace(monkeypatch):
     assert glob.glob("/dev/shm/scope-sandbox-*") == []
 
 
+def test_without_a_pid_namespace_a_lingering_child_does_not_hold_the_run_open(monkeypatch):
+    """Its inherited pipes stay open, but the run ends when the harness does, not at the wall time."""
+    fallback = next(
+        (isolation for isolation in sandbox._candidate_isolations()
+         if not isolation.namespaces and sandbox._works(isolation)),
+        None,
+    )
+    if fallback is None:
+        pytest.skip("no isolation without namespaces works here")
+    monkeypatch.setattr(sandbox, "_isolation_cache", fallback)
+    lingerer = """
+    import os, time
+    if os.fork() == 0:
+        os.setsid()
+        time.sleep(600)
+    print("parent done")
+    """
+    result = run(lingerer, limits=SandboxLimits(**{**FAST.__dict__, "wall_time_s": 30.0}))
+    assert result.tests[0].stdout == "parent done\n"
+    assert not result.timed_out and result.killed_for is None, result
+
+
 def _sandbox_owned_entries() -> list[str]:
     owned = []
     for directory in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):

@@ -19,9 +19,10 @@ either end, or else when the whitespace-separated tokens match one by one:
   floating-point answers;
 * any other token (``YES``, ``nan``, ``inf``) matches only the same string.
 
-This is LiveCodeBench's rule (lines first, then tokens as exact ``Decimal``
-values), with a float tolerance added only where the expected output is a
-float. TACO/APPS's harness instead tries ``np.allclose`` on any numeric line,
+This is LiveCodeBench's rule (exact lines, else exact ``Decimal`` values token
+by token; LiveCodeBench matches line by line, we match the token sequence
+across lines, as before), with a float tolerance added only where the expected
+output is a float. TACO/APPS's harness instead tries ``np.allclose`` on any numeric line,
 which passes ``1000001`` for ``1000000``; we do not follow it there.
 
 A function's return value (through JSON) matches with the same rules, by type:
