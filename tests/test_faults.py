@@ -698,6 +698,45 @@ def test_server_nan_and_inf_logprobs_drop_those_rows_and_training_continues(tmp_
     assert {"nan", "-inf", None} <= set(every_kind), "the two steps should hold NaN, -inf and clean rows"
 
 
+def test_vllm_refusing_to_send_nan_drops_those_rows_counts_them_and_training_continues(tmp_path, tiny_pair_dir,
+                                                                                       fake_vllm):
+    """Real vLLM answers HTTP 400 instead of a NaN log-prob; each such row is scored all-NaN and dropped."""
+    url = fake_vllm("nan400")
+    trainer = make_trainer(tiny_pair_dir, server_args(tmp_path, tiny_pair_dir, url, max_steps=2))
+    trainer.train()
+    logs = step_logs(trainer)
+    assert len(logs) == 2
+    for gen, logged in zip(trainer.generation_batches, logs):
+        kinds = [poison(p + c) for p, c in zip(*row_token_lists(gen))]
+        dropped = torch.tensor([kind is not None for kind in kinds])
+        assert logged["teacher/nan_rows"] == kinds.count("nan") and logged["teacher/failures"] == 0
+        assert logged["scope/teacher_nonfinite_rows"] == dropped.sum().item()
+        assert gen["scope_teacher_weights"][dropped].eq(0).all() and gen["scope_loss_mask"][dropped].eq(0).all()
+        assert_whole_groups_normalised(gen, ~dropped)
+        assert math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+    every_kind = [poison(p + c) for gen in trainer.generation_batches for p, c in zip(*row_token_lists(gen))]
+    assert "nan" in every_kind, "the two steps should hold a NaN row"
+
+
+def test_teacher_max_model_len_too_small_for_the_completion_budget_fails_at_start_naming_both(tmp_path, tiny_pair_dir,
+                                                                                              fake_vllm):
+    url = fake_vllm("nonfinite", "--max-model-len", "9")
+    with pytest.raises(ValueError, match=r"max_model_len 9, but scoring needs 10 tokens: a 1-token prompt .* \+ "
+                       r"max_completion_length 8 \+ 1"):
+        make_trainer(tiny_pair_dir, server_args(tmp_path, tiny_pair_dir, url))
+
+
+def test_row_too_long_for_the_teacher_fails_before_it_is_sent_naming_row_and_lengths(tmp_path, tiny_pair_dir, fake_vllm):
+    """The completion budget fits (checked at start), but prompt + completion does not."""
+    url = fake_vllm("nonfinite", "--max-model-len", "12")
+    trainer = make_trainer(tiny_pair_dir, server_args(tmp_path, tiny_pair_dir, url))
+    assert trainer.teacher.max_model_len == 12
+    with pytest.raises(TeacherServerError, match=r"row \d+ has \d+ tokens \(prompt \d+ \+ completion \d+\), too long "
+                       r"for the server's max_model_len 12"):
+        trainer.train()
+    assert trainer.teacher.counters()["requests"] == 1  # the GET /v1/models; no scoring request was sent
+
+
 # =============================================================================== our teacher server, killed
 
 
