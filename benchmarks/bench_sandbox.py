@@ -12,8 +12,9 @@ turn), each with --tests stdin/stdout test cases, are scored twice per round:
   interpreter has started (as the sandbox's harness does), with the sandbox's
   wall time as the backstop.
 
-Both should give the expected scores (counted; a warning says how many did not). Rounds alternate between the two; the
-median of each is printed, with the machine, and the last line is
+Both should give the expected scores (counted; a warning says how many did
+not). Rounds alternate between the two; the median of each is printed, with
+the machine, and the last line is
 ``sandbox overhead: X programs/s sandboxed vs Y plain (Z x)``.
 
     python benchmarks/bench_sandbox.py [--n 40] [--tests 4] [--threads N] [--rounds 3]
