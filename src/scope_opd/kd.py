@@ -123,14 +123,24 @@ def _vllm_sample(args: SCOPEConfig, prompt_ids: list[list[int]], settings, world
         dtype=args.teacher_dtype,
         seed=settings.seed,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        max_model_len=args.vllm_max_model_length,
+        # The model's own maximum (131072 for Qwen) would reserve KV cache no KD sample can use.
+        max_model_len=args.vllm_max_model_length
+        or max((len(ids) for ids in prompt_ids), default=0) + args.max_completion_length,
         # As TRL's colocate mode: each process drives its own engine inside the launcher's process group.
         distributed_executor_backend="external_launcher" if world_size > 1 else None,
     )
     try:
         return vllm_generate_completions(llm, prompt_ids, settings, progress=progress)
     finally:
+        # Hand the accelerator's memory back for the SFT run (what vLLM frees on collection).
+        import gc
+
+        import torch
+
         del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def generate_teacher_dataset(
