@@ -83,7 +83,11 @@ def _configure_recovery(parser: argparse.ArgumentParser) -> None:
         "the toy task never gets one)",
     )
     data.add_argument("--limit", type=_positive_int, help="use only the first N problems")
-    data.add_argument("--verifier", help="math (default), exact, code, or module:function")
+    data.add_argument(
+        "--verifier",
+        help="math (default: the last \\boxed{} answer, 0 without one), math_any (also unboxed answers), "
+        "exact, code, or module:function",
+    )
 
     study = parser.add_argument_group("study (defaults: the paper's, Appendix C.1)")
     study.add_argument("--samples-per-problem", type=_positive_int, default=4, help="student samples (default: 4)")
