@@ -97,3 +97,23 @@ def test_vllm_importance_sampling_ratio_is_what_grpo_multiplies_its_token_loss_b
     assert 'per_token_loss * inputs["importance_sampling_ratio"]' in source
     assert "vllm_importance_sampling_correction" in GRPOConfig.__dataclass_fields__
     assert "epsilon" in GRPOConfig.__dataclass_fields__ and "epsilon_high" in GRPOConfig.__dataclass_fields__
+
+
+def test_resume_internals_scope_saves_and_restores():
+    # scope_opd.checkpointing.epoch_seeded rebuilds TRL's train sampler from these attributes and
+    # reseeds its generator per epoch; SCOPETrainer saves `_step` and `_buffered_inputs` with each
+    # checkpoint because _prepare_inputs picks the buffered slice by `_step` (see trainer.py, resume block).
+    from trl.trainer.utils import RepeatSampler
+
+    sampler = RepeatSampler(list(range(4)), mini_repeat_count=2, batch_size=2, repeat_count=1, seed=0)
+    for name in ("data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed", "generator"):
+        assert hasattr(sampler, name), name
+    assert "RepeatSampler(" in inspect.getsource(GRPOTrainer._get_train_sampler)
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    assert "self._step % generate_every == 0 or self._buffered_inputs is None" in prepare
+    assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in prepare
+    assert "self._step += 1" in inspect.getsource(GRPOTrainer.training_step)
+    # transformers calls set_epoch on the sampler under accelerate's batch sampler every epoch.
+    from transformers import Trainer
+
+    assert "underlying_sampler.set_epoch(epoch)" in inspect.getsource(Trainer._run_epoch)

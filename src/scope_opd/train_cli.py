@@ -51,7 +51,16 @@ class TrainScriptArguments:
     toy_train_size: int = field(default=2000, metadata={"help": "Toy task: number of training problems."})
     toy_quick: bool = field(default=False, metadata={"help": "Toy task: use the small quick-build toy models."})
     resume: bool = field(
-        default=False, metadata={"help": "Resume from the last complete checkpoint in output_dir (if any)."}
+        default=False,
+        metadata={"help": "Resume from the newest complete, verified checkpoint in output_dir (if any)."},
+    )
+    resume_allow_incomplete: bool = field(
+        default=False,
+        metadata={"help": "With --resume: accept a checkpoint lacking optimizer/scheduler/RNG state (they start fresh)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train afresh in a non-empty output_dir, deleting its previous run's checkpoints."},
     )
 
 
@@ -128,6 +137,24 @@ def run_cli(argv: list[str], prog: str = "scope train") -> int:
 
 
 def train(script_args, training_args, model_args) -> int:
+    """One job in ``output_dir``: locked against a second run, refused if it holds another run's files."""
+    import contextlib
+
+    from .checkpointing import output_dir_lock, prepare_output_dir, select_resume_checkpoint
+
+    output_dir = training_args.output_dir
+    main_process = training_args.should_save
+    with output_dir_lock(output_dir) if main_process else contextlib.nullcontext():
+        if main_process or not script_args.overwrite_output_dir:  # only the main process deletes
+            prepare_output_dir(output_dir, resume=script_args.resume, overwrite=script_args.overwrite_output_dir)
+        resume_from = None
+        if script_args.resume:
+            resume_from = select_resume_checkpoint(output_dir, allow_incomplete=script_args.resume_allow_incomplete)
+            print(f"scope train: resuming from {resume_from}" if resume_from else "scope train: no checkpoint yet, starting fresh")
+        return _train_in_output_dir(script_args, training_args, model_args, resume_from)
+
+
+def _train_in_output_dir(script_args, training_args, model_args, resume_from: str | None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student_name = resolve_model_name(model_args.model_name_or_path, quick=script_args.toy_quick)
@@ -153,16 +180,13 @@ def train(script_args, training_args, model_args) -> int:
         dtype=dtype if dtype is not None else "auto",
         attn_implementation=model_args.attn_implementation,
     )
-    from .checkpointing import last_complete_checkpoint
-
-    resume_from = last_complete_checkpoint(training_args.output_dir) if script_args.resume else None
-    if script_args.resume:
-        print(f"scope train: resuming from {resume_from}" if resume_from else "scope train: no checkpoint yet, starting fresh")
-
+    allow_incomplete = script_args.resume_allow_incomplete
     if training_args.algorithm == "kd":
-        from .kd import train_kd
+        from .kd import build_kd_trainer
 
-        train_kd(model, tokenizer, train_dataset, training_args, resume_from_checkpoint=resume_from)
+        kd_trainer = build_kd_trainer(model, tokenizer, train_dataset, training_args, resume_from_checkpoint=resume_from)
+        kd_trainer.train(resume_from_checkpoint=resume_from, allow_incomplete_checkpoint=allow_incomplete)
+        kd_trainer.save_model(training_args.output_dir)
         return 0
 
     from trl import get_peft_config
@@ -176,6 +200,6 @@ def train(script_args, training_args, model_args) -> int:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume_from, allow_incomplete_checkpoint=allow_incomplete)
+    trainer.save_model(training_args.output_dir)  # atomic: staged, then renamed into place, manifest last
     return 0

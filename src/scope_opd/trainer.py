@@ -791,3 +791,53 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if aggregation == "sum":
             loss = loss * num_processes
         return loss, metrics
+
+    # ---- resume: epoch-aware sampler and buffered generation
+    # (scope_opd.checkpointing saves these hooks' files inside each atomic checkpoint, under its manifest.)
+    # TRL's RepeatSampler seeds its generator once per process, so a run resumed in epoch e replayed
+    # epoch 0's prompt order; and TRL keeps one generation batch's scored completions in memory
+    # (`_buffered_inputs`, one slice per step for `steps_per_generation` steps, picked by `_step`), so a
+    # run resumed between those steps regenerated them from already-updated weights.
+
+    GENERATION_STATE_PREFIX = "scope_generation_state"
+
+    def _get_train_sampler(self, dataset=None):
+        from .checkpointing import epoch_seeded
+
+        return epoch_seeded(super()._get_train_sampler(dataset))
+
+    def _generation_state_path(self, checkpoint_dir: str) -> str:
+        from pathlib import Path
+
+        return str(Path(checkpoint_dir) / f"{self.GENERATION_STATE_PREFIX}_{self.accelerator.process_index}.pt")
+
+    def _save_resume_state(self, checkpoint_dir: str) -> None:
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        mid_generation_batch = self._step % generate_every != 0 and self._buffered_inputs is not None
+        # At a generation boundary the next step samples afresh, so only the step counter is needed.
+        state = {"step": self._step, "buffered_inputs": self._buffered_inputs if mid_generation_batch else None}
+        torch.save(state, self._generation_state_path(checkpoint_dir))
+
+    def _load_resume_state(self, checkpoint_dir: str, allow_incomplete: bool = False) -> None:
+        from pathlib import Path
+
+        from .checkpointing import CheckpointError, checkpoint_global_step
+
+        path = self._generation_state_path(checkpoint_dir)
+        if not Path(path).is_file():
+            global_step = checkpoint_global_step(checkpoint_dir)
+            micro_steps = global_step * self.args.gradient_accumulation_steps
+            if micro_steps % (self.args.steps_per_generation * self.num_iterations) == 0 or allow_incomplete:
+                return  # TRL regenerates at this step anyway (or the user accepted a fresh batch)
+            raise CheckpointError(
+                f"cannot resume exactly from {checkpoint_dir}: it was saved in the middle of a generation batch "
+                f"(step {global_step}, steps_per_generation {self.args.steps_per_generation}) without {path}, so "
+                "that batch's completions would be resampled from the updated weights. Pass "
+                "--resume_allow_incomplete true (Python: train(..., allow_incomplete_checkpoint=True)) to accept that."
+            )
+        try:
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            step, buffered = state["step"], state["buffered_inputs"]
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same error for the user
+            raise CheckpointError(f"cannot resume from {checkpoint_dir}: {path} is unreadable ({err})") from err
+        self._step, self._buffered_inputs = step, buffered
