@@ -40,8 +40,10 @@ SPEC = [("p0", 3, 5, 1.0), ("p0", 4, 4, 0.0), ("p0", 3, 6, 0.0),
 
 @pytest.fixture(scope="module")
 def transfer_queue():
-    # A loaded 2-core CI box starts the raylet slower than Ray's default 30 s wait.
+    # A loaded 2-core CI box starts Ray's processes slower than its default waits (30 s for the raylet,
+    # and the raylet's wait for the metrics agent it spawns).
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
     yield tq
