@@ -33,11 +33,11 @@ def kd_args(tmp_path, **overrides):
     base = dict(
         output_dir=str(tmp_path / "kd"),
         algorithm="kd",
-        kd_samples_per_prompt=3,
+        kd_samples_per_prompt=2,
         kd_keep_only_correct=False,  # random tiny teachers are never right
         per_device_train_batch_size=4,
         num_generations=2,
-        max_completion_length=48,
+        max_completion_length=24,
         temperature=1.0,
         max_steps=1,
         logging_steps=1,
@@ -123,8 +123,8 @@ def test_kd_teacher_samples_from_and_student_trains_on_the_templated_chat_prompt
         assert row["input_ids"][:cut] == expected_prompts[row["prompt_index"]]
         assert "{'role'" not in tokenizer.decode(row["input_ids"][:cut])  # not the repr of a message list
     # The teacher saw exactly those ids: an independent sampling call on them gives the same samples.
-    settings = dict(n=args.kd_samples_per_prompt, temperature=1.0, top_p=args.top_p, top_k=0, max_new_tokens=48,
-                    batch_size=4, seed=args.seed)
+    settings = dict(n=args.kd_samples_per_prompt, temperature=1.0, top_p=args.top_p, top_k=0,
+                    max_new_tokens=args.max_completion_length, batch_size=4, seed=args.seed)
     from scope_opd.evaluation.sampling import SamplingSettings
 
     again = generate_completions(teacher, tokenizer, expected_prompts, SamplingSettings(**settings), progress=False)
