@@ -290,7 +290,7 @@ def test_server_killed_mid_overlap_is_the_synchronous_error_raised_in_the_step(t
 
     GenerationProbe(monkeypatch, on_chunk=kill_after_first_chunk)
     trainer = make_trainer(tmp_path, tiny_pair_dir, teacher_server_url=url, teacher_overlap=True, max_steps=1,
-                           teacher_max_retries=1)
+                           teacher_max_retries=1, teacher_timeout=5.0)
     with pytest.raises(TeacherServerError, match=re.escape(f"{url}/v1/completions") + r" failed for rows \[\d+\] "
                        r"after 2 attempts: ConnectionError"):
         train(trainer)
