@@ -218,6 +218,9 @@ def report(args, per_method, paths, dtype, cuda, chunk_groups, pin):
           f"(sync {sync['total'] / medians['grpo(beta=1e-4)']['total']:.3f})")
     print(f"teacher share of a synchronous SCOPE step = {sync['teacher'] / sync['total']:.1%} (paper Table 8: 31%)")
     print(f"OPD/grpo(beta=0) step ratio = {opd['total'] / grpo:.3f}")
+    fastest = {name: spread[name][0] for name in METHODS}  # least disturbed by other load on a shared machine
+    print(f"fastest steps: SCOPE/GRPO {fastest['scope(overlap)'] / fastest['grpo(beta=0)']:.3f} "
+          f"(sync {fastest['scope(sync)'] / fastest['grpo(beta=0)']:.3f})")
     print(f"SCOPE/GRPO step ratio: {overlap['total'] / grpo:.3f} (sync {sync['total'] / grpo:.3f})")
 
 
