@@ -87,10 +87,10 @@ def launch(kind: str, model: str, nofile: int, vllm_python: str, log_path: str) 
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_descriptors)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # vLLM's engine start is 20-45 s on an idle 2-core machine, minutes on a busy one
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{kind} server exited with {process.returncode}; log {log_path}")
+            raise SystemExit(f"{kind} server exited with {process.returncode}:\n{open(log_path).read()[-3000:]}")
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
                 return process, url
@@ -98,7 +98,7 @@ def launch(kind: str, model: str, nofile: int, vllm_python: str, log_path: str) 
             pass
         time.sleep(0.5)
     process.kill()
-    raise SystemExit(f"{kind} server not healthy after 240 s; log {log_path}")
+    raise SystemExit(f"{kind} server not healthy after 600 s:\n{open(log_path).read()[-3000:]}")
 
 
 def tree_rss(process: psutil.Process) -> int:

@@ -177,6 +177,7 @@ def test_descriptor_exhaustion_by_idle_connections_leaves_the_cli_server_answeri
             except OSError:
                 break
         assert len(idle) == 2 * nofile  # the backlog took them all; none was refused
+        time.sleep(0.3)  # held, not just opened: now they count as idle
         for _ in range(3):
             well_behaved_answer(url)
         assert "lowered to" in log.read_text()  # the cap was set below the descriptor limit, and said so

@@ -780,6 +780,7 @@ class _Connection:
 
 _EVICTABLE_IDLE_S = 0.25
 _EVICTABLE_READING_S = 1.0
+_ACCEPT_BATCH = 8
 
 
 class TeacherHTTPServer:
@@ -852,9 +853,13 @@ class TeacherHTTPServer:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
+        # asyncio accepts up to `backlog` connections per wake-up before any handler runs: a small
+        # batch keeps a reconnect storm from overshooting the cap into EMFILE (and asyncio's 1 s
+        # accept pause), while the kernel queue stays `limits.backlog` deep.
         server = await asyncio.start_server(
-            self._handle, sock=self._socket, backlog=self.limits.backlog, limit=self.limits.max_header_bytes
+            self._handle, sock=self._socket, backlog=_ACCEPT_BATCH, limit=self.limits.max_header_bytes
         )
+        self._socket.listen(self.limits.backlog)
         self._started.set()
         try:
             await self._stop.wait()
@@ -999,8 +1004,14 @@ def _load_json(body: bytes):
 def _connection_cap(requested: int) -> int:
     """Keep open connections below the descriptor limit, so ``accept`` never fails for want of one."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # Descriptors the process needs besides connections: model files, pipes, the tokenizer, logging.
-    reserve = 64
+    # Descriptors the process needs besides connections (model files, pipes, logging), and the
+    # sockets accepted but not yet seen by a handler (asyncio takes a few loop turns from accept to
+    # handler, an accept batch each turn; measured up to ~60 with batches of 16).
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 32
+    reserve = open_now + 8 * _ACCEPT_BATCH + 32
     cap = min(requested, max(soft - reserve, 1)) if soft != resource.RLIM_INFINITY else requested
     if cap < requested:
         logger.warning("--max-connections %d lowered to %d: the descriptor limit (ulimit -n) is %d", requested, cap, soft)
