@@ -296,12 +296,14 @@ def select_resume_checkpoint(output_dir: str, *, allow_incomplete: bool = False)
         chosen = next((c for c in checks if c.intact), None)
     if chosen is None:
         listing = "\n".join(f"  {c.path}: {c.describe()}" for c in checks)
-        hint = (" Pass --resume_allow_incomplete true (Python: train(..., allow_incomplete_checkpoint=True)) to "
-                "resume from the newest intact one with fresh optimizer/scheduler/RNG state,"
-                if any(c.intact for c in checks) else "")
+        options = []
+        if any(c.intact for c in checks):
+            options.append("pass --resume_allow_incomplete true (Python: train(..., allow_incomplete_checkpoint=True)) "
+                           "to resume from the newest intact one with fresh optimizer/scheduler/RNG state")
+        options += ["pass a checkpoint you trust to trainer.train(resume_from_checkpoint=PATH)",
+                    "start over with --overwrite_output_dir true"]
         raise CheckpointError(
-            f"no complete checkpoint to resume from in {output_dir}:\n{listing}\n{hint} or resume from a "
-            "checkpoint path you trust, or start over with --overwrite_output_dir true."
+            f"no complete checkpoint to resume from in {output_dir}:\n{listing}\nTo go on: {'; or '.join(options)}."
         )
     for check in checks:
         if check is chosen:
