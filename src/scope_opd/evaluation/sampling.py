@@ -317,8 +317,11 @@ def vllm_generate_completions(
 
     tokenizer = llm.get_tokenizer()
     encoded = _model_inputs(tokenizer, prompts, prefixes, settings.apply_chat_template, len(tokenizer))
+    # vLLM refuses n > 1 with greedy decoding; n requests of one sample each give the n
+    # (identical) greedy samples that the transformers path returns.
+    copies = settings.n if settings.temperature == 0 else 1
     params = SamplingParams(
-        n=settings.n,
+        n=settings.n // copies,
         temperature=settings.temperature,
         top_p=settings.top_p if settings.temperature > 0 else 1.0,
         top_k=settings.top_k if settings.top_k and settings.top_k > 0 and settings.temperature > 0 else -1,
@@ -327,11 +330,11 @@ def vllm_generate_completions(
         seed=settings.seed,
         skip_special_tokens=True,
     )
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=progress)
-    return [
-        [
-            Completion(o.text, len(o.token_ids), o.finish_reason == "stop", tuple(o.token_ids))
-            for o in request.outputs
-        ]
+    requests = [{"prompt_token_ids": ids} for ids in encoded for _ in range(copies)]
+    outputs = llm.generate(requests, params, use_tqdm=progress)
+    samples = [
+        Completion(o.text, len(o.token_ids), o.finish_reason == "stop", tuple(o.token_ids))
         for request in outputs
+        for o in request.outputs
     ]
+    return [samples[i * settings.n : (i + 1) * settings.n] for i in range(len(encoded))]
