@@ -111,6 +111,12 @@ class VLLMServer:
         return self.log.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
+        import psutil  # installed with accelerate
+
+        try:  # the engine core is a child of the API server and can outlive it: note it before stopping
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -118,7 +124,12 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        try:  # the engine core outlives a killed API server unless its group is signalled too
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
