@@ -91,9 +91,13 @@ def test_a_full_context_prompt_has_no_room_for_a_token_like_vllm(server):
     full = [5] * 512  # max_model_len of the tiny teacher
     assert_vllm_error(post(server, {"prompt": full, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}),
                       400, "max_tokens must be at least 1, got 0.", "max_tokens")
-    # echo with max_tokens 0 generates nothing, so the full context is fine.
-    scored = post(server, {"prompt": full, "max_tokens": 0, "echo": True, "prompt_logprobs": 0})
-    assert scored.status_code == 200 and len(scored.json()["choices"][0]["prompt_logprobs"]) == 512
+    # echo with max_tokens 0: vLLM still schedules one discarded token, so the full context is refused
+    # too, and one token short of it is scored.
+    assert_vllm_error(post(server, {"prompt": full, "max_tokens": 0, "echo": True, "prompt_logprobs": 0}), 400,
+                      "The decoder prompt (length 512) plus the number of requested output tokens (at least 1) is "
+                      "longer than the maximum model length of 512.", None)
+    scored = post(server, {"prompt": full[:-1], "max_tokens": 0, "echo": True, "prompt_logprobs": 0})
+    assert scored.status_code == 200 and len(scored.json()["choices"][0]["prompt_logprobs"]) == 511
     # One token short of the context: max_tokens 16 is cut to the one token left (vLLM's get_max_tokens).
     one_left = post(server, {"prompt": full[:-1], "max_tokens": 16, "temperature": 0})
     assert one_left.status_code == 200 and one_left.json()["usage"]["completion_tokens"] == 1
@@ -133,7 +137,8 @@ def test_echo_with_max_tokens_0_returns_the_prompt_text_and_its_logprobs(server,
     choice = answer["choices"][0]
     assert choice["text"] == char_tokenizer.decode(ids) and choice["finish_reason"] == "length"
     assert len(choice["prompt_logprobs"]) == len(ids) and choice["prompt_logprobs"][0] is None
-    assert answer["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids), "completion_tokens": 0,
+    # vLLM counts the one token it decodes and discards.
+    assert answer["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids) + 1, "completion_tokens": 1,
                                "prompt_tokens_details": None}
 
 
@@ -147,7 +152,10 @@ def test_a_float_prompt_logprobs_is_read_as_pydantic_reads_an_int(server):
     as_float = post(server, {**body, "prompt_logprobs": 2.0}).json()["choices"][0]["prompt_logprobs"]
     as_int = post(server, {**body, "prompt_logprobs": 2}).json()["choices"][0]["prompt_logprobs"]
     assert as_float == as_int
-    assert_vllm_error(post(server, {**body, "prompt_logprobs": 2.5}), 400, "fractional part", "prompt_logprobs")
+    fractional = post(server, {**body, "prompt_logprobs": 2.5})
+    assert fractional.status_code == 400 and fractional.json()["error"]["type"] == "Bad Request"  # pydantic's, via vLLM
+    assert "fractional part" in fractional.json()["error"]["message"]
+    assert fractional.json()["error"]["param"] == "body.prompt_logprobs"
     assert_vllm_error(post(server, {**body, "prompt_logprobs": "2"}), 400, "`prompt_logprobs` must be an integer.")
     assert_vllm_error(post(server, {**body, "prompt_logprobs": -2}), 400, "must be a positive value or -1")
     assert_vllm_error(post(server, {**body, "prompt_logprobs": 21}), 400, "greater than max allowed: 20")
@@ -169,13 +177,15 @@ def test_stream_with_prompt_logprobs_0_is_server_sent_events(server):
     assert_vllm_error(post(server, options_alone), 400, "Stream options can only be defined when `stream=True`.")
 
 
-def test_n_above_1_repeats_each_prompts_choice(server):
-    answer = post(server, {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0,
+def test_n_above_1_repeats_each_prompts_choice_and_is_refused_with_greedy_sampling(server):
+    answer = post(server, {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 0, "echo": True, "prompt_logprobs": 0,
                            "n": 2}).json()
     choices = answer["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
     assert choices[0] == {**choices[1], "index": 0} and choices[2] == {**choices[3], "index": 2}
     assert answer["usage"]["prompt_tokens"] == 5 and answer["usage"]["completion_tokens"] == 4
+    assert_vllm_error(post(server, {"prompt": [5, 6], "max_tokens": 1, "temperature": 0, "n": 2}), 400,
+                      "n must be 1 when using greedy sampling, got 2.", None)
 
 
 def test_the_generated_token_is_the_teachers_greedy_argmax(server, teacher_model, char_tokenizer):

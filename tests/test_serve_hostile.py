@@ -139,11 +139,15 @@ def test_slowloris_connections_are_cut_at_the_request_deadline_and_others_are_se
     try:
         for _ in range(3):
             well_behaved_answer(server.url)
-        # Each slow request got 1 s for its headers: a 408, then the close.
+        # Each slow request got 1 s for its headers: a 408 and the close, or (evicted to make room
+        # for a newcomer once it had been sending for over 1 s) an abortive close.
         for s in slow:
             answer = b""
-            while chunk := s.recv(65536):
-                answer += chunk
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                continue
             assert answer == b"" or status_of(answer) == 408
     finally:
         stop.set()
@@ -276,7 +280,7 @@ def test_a_wrong_key_is_refused_before_the_body_is_read(keyed_server):
 def test_an_unknown_route_is_refused_before_the_body_is_read(server):
     raw = raw_exchange(server, b"POST /v1/chat/whatever HTTP/1.1\r\nHost: x\r\nContent-Length: 268435455\r\n\r\n")
     assert status_of(raw) == 404
-    assert error_body(raw) == {"error": {"message": "Not Found", "type": "Not Found", "param": None, "code": 404}}
+    assert error_body(raw) == {"detail": "Not Found"}  # starlette's body, as vLLM sends it
     wrong_method = raw_exchange(server, b"GET /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status_of(wrong_method) == 405
 

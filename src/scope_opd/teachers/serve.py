@@ -160,8 +160,9 @@ class RequestError(Exception):
 
 
 def _http_error(status: HTTPStatus, message: str | None = None, *, close: bool = False) -> RequestError:
-    """Starlette's HTTPException as vLLM renders it: the reason phrase as ``type``."""
-    return RequestError(status.value, message or status.phrase, error_type=status.phrase, close=close)
+    """An HTTP-level refusal: the reason phrase as ``type``; a bare 404/405 is starlette's ``{"detail"}``, as vLLM."""
+    body = {"detail": status.phrase} if message is None else None
+    return RequestError(status.value, message or status.phrase, error_type=status.phrase, body=body, close=close)
 
 
 class _ScoringWorker:
@@ -375,6 +376,10 @@ class TeacherService:
         self._check_model(request)
         if n < 1:
             raise RequestError(400, f"n must be at least 1, got {n}.", param="n")
+        temperature = request.get("temperature")
+        greedy = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature < 1e-5
+        if greedy and n > 1:
+            raise RequestError(400, f"n must be 1 when using greedy sampling, got {n}.")
 
         total_tokens = sum(len(p) for p in prompts)
         if total_tokens > limits.max_request_tokens:
@@ -397,6 +402,16 @@ class TeacherService:
         # vLLM's get_max_tokens: the budget is what is left of the context, then SamplingParams
         # refuses a budget under 1 unless echo asks for the prompt alone (max_tokens 0).
         generate = not (echo and max_tokens == 0)
+        if not generate and self.max_model_len is not None:
+            # vLLM still schedules one (discarded) token for echo with max_tokens 0.
+            for prompt in prompts:
+                if len(prompt) == self.max_model_len:
+                    raise RequestError(
+                        400,
+                        f"The decoder prompt (length {len(prompt)}) plus the number of requested output tokens (at "
+                        f"least 1) is longer than the maximum model length of {self.max_model_len}. Make sure that "
+                        "`max_model_len` is no smaller than the number of text tokens (prompt + requested output tokens).",
+                    )
         if generate:
             for prompt in prompts:
                 budget = max_tokens if self.max_model_len is None else min(max_tokens, self.max_model_len - len(prompt))
@@ -410,8 +425,7 @@ class TeacherService:
                         "with echo)",
                         param="max_tokens",
                     )
-            temperature = request.get("temperature")
-            if temperature is None or not isinstance(temperature, (int, float)) or temperature != 0:
+            if not greedy:
                 raise RequestError(
                     400,
                     f"scope serve-teacher generates only the greedy token: temperature must be 0, got {temperature!r} "
@@ -532,9 +546,13 @@ class TeacherService:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(400, f"`{field}` must be an integer.", param=field)
         if isinstance(value, float):
-            if not value.is_integer():
+            if not value.is_integer():  # pydantic's error, as vLLM's validation handler renders it
                 raise RequestError(
-                    400, f"`{field}`: Input should be a valid integer, got a number with a fractional part", param=field
+                    400,
+                    f"1 validation error:\n  {{'type': 'int_from_float', 'loc': 'body.{field}', 'msg': 'Input should be "
+                    f"a valid integer, got a number with a fractional part', 'input': {value!r}}}",
+                    error_type="Bad Request",
+                    param=f"body.{field}",
                 )
             value = int(value)
         return value
@@ -573,7 +591,8 @@ class TeacherService:
 
     def _usage(self, completion: _Completion) -> dict:
         prompt_tokens = sum(len(p) for p in completion.prompts)
-        completion_tokens = len(completion.prompts) * completion.n if completion.generate else 0
+        # vLLM counts the token it decodes and discards for echo with max_tokens 0 too.
+        completion_tokens = len(completion.prompts) * completion.n
         return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
                 "completion_tokens": completion_tokens, "prompt_tokens_details": None}
 
