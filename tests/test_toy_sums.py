@@ -116,3 +116,48 @@ def test_solutions_parse_with_math_verify_as_the_demo_scores_them():
 
 def test_max_completion_length():
     assert sum_max_completion_chars(5) == max(len(sum_solution(SumProblem((9,) * 5), s)) for s in STRATEGIES) == 41
+
+
+# --- SFT data and models (quick recipe) ---------------------------------------
+
+
+def test_sft_mix_is_skewed_for_the_student_and_even_for_the_teacher():
+    from collections import Counter
+
+    from scope_opd.toy.models import recipe_for, sft_texts
+
+    recipe = recipe_for("sums")
+    student, teacher = sft_texts(recipe, "student", seed=0), sft_texts(recipe, "teacher", seed=0)
+    assert len(teacher) == len(sum_problems("train"))  # the teacher sees more data ...
+    assert len(student) == round(recipe.student_data_fraction * len(teacher))
+    for texts, mix in ((student, recipe.student_mix), (teacher, recipe.teacher_mix)):
+        counts = Counter(solution_strategy(prompt, completion) for prompt, completion in texts[:3000])
+        for strategy, share in mix:  # ... and more strategies (palindromes tie left/right: small tolerance)
+            assert abs(counts[strategy] / 3000 - share) < 0.03, (strategy, counts)
+        assert all(parse_sum_prompt(prompt).split == "train" for prompt, _ in texts[:500])
+    assert sft_texts(recipe, "student", seed=0) == student
+    assert sft_texts(recipe, "student", seed=1) != student
+    assert sft_texts(recipe_for("addition"), "student") is None
+
+
+def test_unknown_task_is_named():
+    from scope_opd.toy.models import recipe_for
+
+    with pytest.raises(ValueError, match="toy task must be one of"):
+        recipe_for("countdown")
+
+
+def test_quick_sums_models_build_load_and_are_cached_apart_from_addition(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scope_opd.toy.models import ensure_toy_models, recipe_for
+
+    paths = ensure_toy_models(tmp_path, quick=True, task="sums", progress=False)
+    assert paths.teacher.parent.name == f"{recipe_for('sums', quick=True).name}-seed0"
+    model = AutoModelForCausalLM.from_pretrained(paths.student)
+    tokenizer = AutoTokenizer.from_pretrained(paths.student)
+    assert model.generation_config.max_new_tokens == 48  # 41 characters + EOS, rounded up to 8
+    ids = tokenizer(EXAMPLE.prompt + sum_solution(EXAMPLE, "pairs"), add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == EXAMPLE.prompt + sum_solution(EXAMPLE, "pairs")
+    assert ensure_toy_models(tmp_path, quick=True, task="sums", progress=False) == paths
+    assert not (tmp_path / f"{recipe_for('addition', quick=True).name}-seed0").exists()

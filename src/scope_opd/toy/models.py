@@ -44,7 +44,12 @@ __all__ = [
     "ToyModelPaths",
     "ToyModelSpec",
     "ToyRecipe",
+    "SUMS_RECIPES",
+    "TASKS",
     "default_cache_dir",
+    "max_completion_tokens",
+    "recipe_for",
+    "sft_texts",
     "ensure_toy_models",
     "train_toy_model",
 ]
@@ -83,6 +88,13 @@ class ToyRecipe:
     teacher: ToyModelSpec
     student: ToyModelSpec
     digits: int = 2
+    # "addition" (:mod:`.task`) or "sums" (:mod:`.sums`). For "sums": the share of each
+    # strategy in a model's SFT data, and the share of the train split the student sees
+    # (the teacher sees all of it: "more data and more strategies").
+    task: str = "addition"
+    teacher_mix: tuple[tuple[str, float], ...] = ()
+    student_mix: tuple[tuple[str, float], ...] = ()
+    student_data_fraction: float = 1.0
 
 
 RECIPES = {
@@ -115,6 +127,42 @@ RECIPES = {
         ),
     ),
 }
+
+
+SUMS_RECIPES = {
+    "default": ToyRecipe(
+        name="sums-v1",
+        task="sums",
+        teacher=ToyModelSpec(
+            hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+            steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
+        ),
+        student=ToyModelSpec(
+            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+            steps=250, batch_size=32, lr=3e-3, warmup_steps=20, final_lr_ratio=1.0,
+        ),
+        teacher_mix=(("left", 1 / 3), ("right", 1 / 3), ("pairs", 1 / 3)),
+        student_mix=(("left", 0.85), ("right", 0.10), ("pairs", 0.05)),
+        student_data_fraction=0.1,
+    ),
+    "quick": ToyRecipe(
+        name="sums-v1-quick",
+        task="sums",
+        teacher=RECIPES["quick"].teacher,
+        student=RECIPES["quick"].student,
+        teacher_mix=(("left", 1 / 3), ("right", 1 / 3), ("pairs", 1 / 3)),
+        student_mix=(("left", 0.85), ("right", 0.10), ("pairs", 0.05)),
+        student_data_fraction=0.1,
+    ),
+}
+TASKS = ("addition", "sums")
+
+
+def recipe_for(task: str = "addition", quick: bool = False) -> ToyRecipe:
+    """The recipe ``ensure_toy_models`` builds for ``task``; raises ``ValueError`` naming an unknown task."""
+    if task not in TASKS:
+        raise ValueError(f"toy task must be one of {TASKS}, got {task!r}")
+    return (RECIPES if task == "addition" else SUMS_RECIPES)["quick" if quick else "default"]
 
 
 @dataclass(frozen=True)
@@ -163,8 +211,12 @@ def train_toy_model(
     digits: int = 2,
     progress: bool = True,
     desc: str = "toy SFT",
+    texts: list[tuple[str, str]] | None = None,
 ) -> Qwen2ForCausalLM:
     """SFT a fresh model on train-split ``prompt + toy_solution + EOS``, loss on the completion only.
+
+    ``texts``: (prompt, completion) pairs to train on instead (e.g. :func:`sft_texts` of the
+    sums task); ``digits`` is then ignored.
 
     Runs on one CPU thread (restored afterwards): these matrices are too small to
     gain much from a second thread (about 2x on an idle 2-core machine), and when
@@ -176,20 +228,22 @@ def train_toy_model(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(spec, tokenizer, seed=seed, digits=digits, progress=progress, desc=desc)
+        return _train(spec, tokenizer, seed=seed, digits=digits, progress=progress, desc=desc, texts=texts)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train(
-    spec: ToyModelSpec, tokenizer: PreTrainedTokenizerBase, *, seed: int, digits: int, progress: bool, desc: str
+    spec: ToyModelSpec, tokenizer: PreTrainedTokenizerBase, *, seed: int, digits: int, progress: bool, desc: str,
+    texts: list[tuple[str, str]] | None = None,
 ) -> Qwen2ForCausalLM:
-    problems = toy_problems("train", None, seed=0, digits=digits)
-    examples = []
-    for problem in problems:
-        prompt_ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(toy_solution(problem), add_special_tokens=False)["input_ids"]
-        examples.append((prompt_ids, completion_ids + [tokenizer.eos_token_id]))
+    if texts is None:
+        texts = [(problem.prompt, toy_solution(problem)) for problem in toy_problems("train", None, seed=0, digits=digits)]
+    if not texts:
+        raise ValueError("no SFT examples to train on")
+    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer([c for _, c in texts], add_special_tokens=False)["input_ids"]
+    examples = [(p, c + [tokenizer.eos_token_id]) for p, c in zip(prompt_ids, completion_ids)]
     max_len = max(len(p) + len(c) for p, c in examples)
 
     with torch.random.fork_rng(devices=[]):  # seed the init without resetting the caller's RNG
@@ -221,6 +275,32 @@ def _train(
     return model
 
 
+def sft_texts(recipe: ToyRecipe, role: str, seed: int = 0) -> list[tuple[str, str]] | None:
+    """The (prompt, completion) SFT pairs of ``role`` ("teacher" or "student") under ``recipe``.
+
+    ``None`` for the addition task (``train_toy_model``'s own data). For the sums task each
+    problem gets one strategy drawn from the role's mix (seeded by ``seed`` and the role);
+    the student sees the first ``student_data_fraction`` of a seeded order of the train split.
+    """
+    if recipe.task == "addition":
+        return None
+    if recipe.task != "sums":
+        raise ValueError(f"unknown toy task {recipe.task!r} in recipe {recipe.name!r}")
+    import random
+
+    from .sums import sum_problems, sum_solution
+
+    mix = recipe.teacher_mix if role == "teacher" else recipe.student_mix
+    if not mix or any(weight < 0 for _, weight in mix) or sum(w for _, w in mix) <= 0:
+        raise ValueError(f"recipe {recipe.name!r}: the {role} strategy mix {mix!r} needs positive weights")
+    problems = sum_problems("train", None, seed=0)
+    if role == "student":
+        problems = problems[: max(1, round(recipe.student_data_fraction * len(problems)))]
+    rng = random.Random(f"scope-opd-sums-sft/{role}/{seed}")
+    strategies = rng.choices([s for s, _ in mix], weights=[w for _, w in mix], k=len(problems))
+    return [(p.prompt, sum_solution(p, strategy)) for p, strategy in zip(problems, strategies)]
+
+
 def _right_padded_batch(
     examples: list[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,15 +318,24 @@ def _right_padded_batch(
     return input_ids, labels, attention_mask
 
 
-def _save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Path, digits: int) -> None:
+def max_completion_tokens(recipe: ToyRecipe) -> int:
+    """Tokens of the longest correct solution of ``recipe``'s task, EOS included."""
+    if recipe.task == "sums":
+        from .sums import sum_max_completion_chars
+
+        return sum_max_completion_chars() + 1
+    return toy_max_completion_chars(recipe.digits) + 1
+
+
+def _save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Path, recipe: ToyRecipe) -> None:
     # Sampling defaults of the paper's evaluation protocol (temperature 0.6, top-p 0.95,
     # top-k 20), like the generation_config.json of hub reasoning models.
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        # The longest solution plus EOS (60 tokens for 2 digits), rounded up to a multiple of 8.
-        max_new_tokens=-(-(toy_max_completion_chars(digits) + 1) // 8) * 8,
+        # The longest solution plus EOS (60 tokens for 2-digit addition), rounded up to a multiple of 8.
+        max_new_tokens=-(-max_completion_tokens(recipe) // 8) * 8,
         do_sample=True,
         temperature=0.6,
         top_p=0.95,
@@ -261,7 +350,12 @@ def _is_complete(folder: Path) -> bool:
 
 
 def ensure_toy_models(
-    cache_dir: str | os.PathLike | None = None, *, seed: int = 0, quick: bool = False, progress: bool = True
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    task: str = "addition",
 ) -> ToyModelPaths:
     """Return the toy teacher/student checkpoints, building them first if they are not cached.
 
@@ -269,9 +363,10 @@ def ensure_toy_models(
     goes to a temporary sibling folder and is renamed into place only once complete,
     so an interrupted build is never picked up (an exception removes its folder; a
     killed process leaves a hidden ``.<name>.building-*`` folder that is ignored). ``quick``
-    selects the tiny recipe for tests (seconds, not accurate).
+    selects the tiny recipe for tests (seconds, not accurate); ``task`` is ``"addition"``
+    or ``"sums"`` (:func:`recipe_for`).
     """
-    recipe = RECIPES["quick" if quick else "default"]
+    recipe = recipe_for(task, quick)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"{recipe.name}-seed{seed}"
     paths = ToyModelPaths(teacher=final / "teacher", student=final / "student")
@@ -290,10 +385,11 @@ def ensure_toy_models(
             spec = getattr(recipe, role)
             start = time.perf_counter()
             model = train_toy_model(
-                spec, tokenizer, seed=seed, digits=recipe.digits, progress=progress, desc=f"{recipe.name} {role} SFT"
+                spec, tokenizer, seed=seed, digits=recipe.digits, progress=progress, desc=f"{recipe.name} {role} SFT",
+                texts=sft_texts(recipe, role, seed),
             )
             seconds[role] = round(time.perf_counter() - start, 1)
-            _save_checkpoint(model, tokenizer, building / role, recipe.digits)
+            _save_checkpoint(model, tokenizer, building / role, recipe)
             if not progress:
                 logger.info("built toy %s in %.1f s", role, seconds[role])
         info = {"recipe": asdict(recipe), "seed": seed, "torch": torch.__version__, "build_seconds": seconds}
