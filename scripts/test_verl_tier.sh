@@ -5,6 +5,6 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$("$REPO/scripts/verl_venv.sh")"
 cd "$REPO"
-# Ray and TransferQueue stay out of these tests; keep verl from probing for accelerators.
+# test_trainer.py starts a small local Ray (4 logical CPUs) for a real TransferQueue; no GPU, no network.
 export VERL_LOGGING_LEVEL="${VERL_LOGGING_LEVEL:-WARNING}"
 exec "$VENV/bin/python" -m pytest tests/verl_tier -q -p no:cacheprovider "$@"

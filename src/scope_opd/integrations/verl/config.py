@@ -8,12 +8,15 @@ verl key whose value would make the SCOPE loss silently wrong.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from ...algorithms import AGGREGATIONS, MLE_SURROGATES, NORMALIZATIONS, STUDENT_WEIGHTINGS, TEACHER_WEIGHTINGS
 from ...batch import SCOPE_ALGORITHMS
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ScopeOptions", "scope_options", "check_verl_config", "LOSS_OPTIONS_KEY", "TRAINER_NAME", "LOSS_NAME"]
 
@@ -159,7 +162,13 @@ def check_verl_config(config: Mapping) -> ScopeOptions:
             )
     if options.skip_teacher_on_correct and options.algorithm == "scope":
         manager = _get(config, "actor_rollout_ref.rollout.agent.agent_loop_manager_class")
-        if manager not in (None, "", AGENT_LOOP_MANAGER):
+        if manager in (None, ""):
+            logger.warning(
+                "scope.skip_teacher_on_correct is true but actor_rollout_ref.rollout.agent.agent_loop_manager_class is "
+                "unset: verl's agent loop asks the teacher about every rollout; set it to %s to skip correct ones",
+                AGENT_LOOP_MANAGER,
+            )
+        elif manager != AGENT_LOOP_MANAGER:
             problems.append(
                 f"actor_rollout_ref.rollout.agent.agent_loop_manager_class is {manager!r}; scope.skip_teacher_on_correct "
                 f"needs {AGENT_LOOP_MANAGER!r} (or set scope.skip_teacher_on_correct=false)"
