@@ -18,9 +18,21 @@ PINS=(
   "torch==2.13.0"
   "verl[verl-core]==0.9.1"
 )
-STAMP="${PINS[*]} | -e ${REPO}[verl,test]"
+# The stamp holds the heavy pins only, not this checkout's path: CI runs every submission from a
+# fresh clone in another folder, and must reuse the cached venv rather than rebuild it (minutes).
+STAMP="${PINS[*]} | scope-opd[verl,test]"
+
+install_this_checkout() {
+  # Cheap when the dependencies are already there: re-points the editable install at $REPO.
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PINS[0]}" -e "${REPO}[verl,test]" >&2
+}
 
 if [[ -f "$VENV/.complete" && "$(cat "$VENV/.complete")" == "$STAMP" ]]; then
+  where="$("$VENV/bin/python" -c 'import scope_opd, os; print(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(scope_opd.__file__)))))' 2>/dev/null || true)"
+  if [[ "$where" != "$REPO" ]]; then
+    echo "verl venv: pointing its scope-opd at $REPO" >&2
+    install_this_checkout
+  fi
   echo "$VENV"
   exit 0
 fi
@@ -33,7 +45,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and alone, so that nothing later can resolve a different build.
 "${PIP[@]}" "${PINS[0]}" >&2
 "${PIP[@]}" "${PINS[@]}" >&2
-"${PIP[@]}" "${PINS[0]}" -e "${REPO}[verl,test]" >&2
+install_this_checkout
 "$VENV/bin/python" - <<'PY' >&2
 import torch, verl
 assert torch.__version__.startswith("2.13.0"), torch.__version__
