@@ -366,10 +366,13 @@ class TeacherService:
             if top_k < 0 and top_k != -1:
                 raise RequestError(400, "`prompt_logprobs` must be a positive value or -1.", param="prompt_logprobs")
             if top_k == -1 or top_k > MAX_PROMPT_LOGPROBS:
-                requested = "the full vocabulary" if top_k == -1 else top_k
+                # vLLM reads -1 as the vocabulary size before comparing with --max-logprobs.
+                requested = self.teacher.vocab_size if top_k == -1 else top_k
+                hint = " (`prompt_logprobs` -1 asks for the full vocabulary)" if top_k == -1 else ""
                 raise RequestError(
                     400,
-                    f"Requested prompt logprobs of {requested}, which is greater than max allowed: {MAX_PROMPT_LOGPROBS}",
+                    f"Requested prompt logprobs of {requested}, which is greater than max allowed: "
+                    f"{MAX_PROMPT_LOGPROBS}{hint}",
                     param="prompt_logprobs",
                 )
         prompts, prompt_texts = self._prompts(request)
