@@ -42,9 +42,11 @@ def test_quick_sums_demo_writes_paired_comparisons_and_signals(tmp_path, monkeyp
     assert scope_opd["avg_diffs"] == per_seed and scope_opd["n"] == 2
     assert scope_opd["ci95"][0] <= scope_opd["avg_diff"] <= scope_opd["ci95"][1]
     training = results["signals"]["scope_training"]
-    for key in ("student_weight_max", "teacher_weight_max", "frac_groups_student_weight_above_1.5",
-                "frac_groups_teacher_weight_above_1.5"):
+    for key in ("teacher_weight_max", "frac_groups_teacher_weight_above_1.5"):
         assert training[key]["steps"] == 2, key  # one step per seed, every step logged
+        assert training[key]["p25"] <= training[key]["median"] <= training[key]["p75"] <= training[key]["max"]
+    # The quick student is almost never right: steps without correct rollouts log no student weights.
+    assert training.get("frac_groups_student_weight_above_1.5", {"steps": 0})["steps"] <= 2
     assert "recovery" in results["signals"]
     report = (out / "report.md").read_text()
     assert "toy sums task" in report and "Paired comparisons" in report and "| scope-opd |" in report

@@ -327,7 +327,9 @@ def run_demo(out: Path, *, seeds: int = 3, ablations: bool = False, taus=(), set
             diagnostics[name].append(_training_diagnostics(history))
             if name == "scope":
                 for key in SIGNAL_KEYS:
-                    signal_steps[key] += [h[key] for h in history if isinstance(h.get(key), (int, float))]
+                    # A step without correct (or wrong) rollouts has no weight of that path to report.
+                    signal_steps[key] += [h[key] for h in history
+                                          if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
 
     summary = {"task": settings.task, "k": settings.k, "seeds": list(range(seeds)), "methods": {},
                "teacher": _scores(teacher_result, settings.k)}
