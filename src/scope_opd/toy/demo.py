@@ -1,4 +1,8 @@
-"""`scope demo`: the paper's comparison (Table 1, Figs. 3-5) on the toy addition task, on CPU.
+"""`scope demo`: the paper's comparison (Table 1, Figs. 3-5) on a toy task, on CPU.
+
+Tasks: ``addition`` (default; one solution format, the quick smoke test) and ``sums``
+(``--task sums``; several valid orders, a skewed student; see :mod:`.sums`), which also
+reports paired seed comparisons with 95% intervals and the weight / recovery signals.
 
 Flow, the same code path a real run takes:
 
