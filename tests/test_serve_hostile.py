@@ -330,7 +330,7 @@ def test_dropped_clients_are_logged_at_most_once_a_minute(server, caplog):
     for _ in range(20):
         with socket.create_connection(address(server), timeout=5) as s:
             s.sendall(_post(body, f"Content-Length: {len(body) + 10}".encode()))  # 10 bytes short, then gone
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # generous: the loop ends as soon as all 20 are seen (a loaded CI machine)
     while server.counters["disconnects"] - before < 20 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.counters["disconnects"] - before == 20

@@ -306,16 +306,6 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             raise TypeError(f"args must be a SCOPEConfig, got {type(args).__name__}")
         if args.algorithm == "kd":
             raise ValueError("algorithm='kd' is the offline baseline: use scope_opd.kd.train_kd (or `scope train`)")
-        # TRL's RepeatSampler drops a generation batch that is not full: with fewer prompts than one
-        # generation batch needs, training would run zero steps and still report success.
-        prompts_per_batch = args.generation_batch_size // args.num_generations
-        if hasattr(train_dataset, "__len__") and len(train_dataset) < prompts_per_batch:
-            raise ValueError(
-                f"train_dataset has {len(train_dataset)} prompts, but one generation batch takes {prompts_per_batch} "
-                f"distinct prompts (generation_batch_size {args.generation_batch_size} / num_generations "
-                f"{args.num_generations}), so no training step could run; add prompts or lower "
-                "per_device_train_batch_size / steps_per_generation"
-            )
         if reward_funcs is None:
             from .verifiers import RewardFunction, get_verifier
 
@@ -326,6 +316,17 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         from .data import drop_overlong_prompts
         train_dataset = drop_overlong_prompts(train_dataset, model=model, processing_class=processing_class, args=args)
         # --- end prompt-length rule ---
+        # Checked after the length rule, which may drop prompts. TRL's RepeatSampler drops a generation batch
+        # that is not full: with fewer prompts than one generation batch needs, training would run zero steps
+        # and still report success.
+        prompts_per_batch = args.generation_batch_size // args.num_generations
+        if hasattr(train_dataset, "__len__") and len(train_dataset) < prompts_per_batch:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts, but one generation batch takes {prompts_per_batch} "
+                f"distinct prompts (generation_batch_size {args.generation_batch_size} / num_generations "
+                f"{args.num_generations}), so no training step could run; add prompts or lower "
+                "per_device_train_batch_size / steps_per_generation"
+            )
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)
