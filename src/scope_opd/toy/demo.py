@@ -433,6 +433,12 @@ def _fmt(mean, std, seeds):
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if seeds > 1 else f"{100 * mean:.1f}"
 
 
+def _default_loss_aggregation() -> str:
+    from ..trainer import SCOPEConfig
+
+    return SCOPEConfig.__dataclass_fields__["loss_aggregation"].default
+
+
 def render_report(summary: dict) -> str:
     k, seeds = summary["k"], summary["settings"]["seeds"]
     s = summary["settings"]
@@ -464,7 +470,8 @@ def render_report(summary: dict) -> str:
         "prompts, verified-correct ones kept, SFT for the same steps); "
         f"learning rate {s['learning_rate']} constant; rollout temperature {s['temperature']}; "
         f"max {s['max_completion_length']} new tokens",
-        f"- SCOPE: tau 1.0, weight normalisation mean, paper weight directions (eqs. 4-5), token-mean loss",
+        "- SCOPE: tau 1.0, weight normalisation mean, paper weight directions (eqs. 4-5), "
+        f"loss aggregation '{_default_loss_aggregation()}' (the trainer's default)",
         f"- GRPO: TRL's GRPO loss, clip 0.2, KL coefficient 1e-4 (paper)",
         f"- models: teacher `{s['teacher']}`, student `{s['student']}`",
         f"- wall time: {summary['wall_seconds'] / 60:.1f} min",
