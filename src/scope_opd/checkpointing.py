@@ -78,15 +78,8 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file's data, or a folder's entries (after a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,7 +104,7 @@ def write_manifest(directory: str, *, kind: str, global_step: int | None = None)
     files = {}
     for rel in _files_under(directory):
         path = os.path.join(directory, rel)
-        _fsync_file(path)
+        _fsync(path)
         files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "kind": kind, "global_step": global_step,
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
@@ -122,7 +115,7 @@ def write_manifest(directory: str, *, kind: str, global_step: int | None = None)
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(directory, MANIFEST_NAME))
     for root, _, _ in os.walk(directory):
-        _fsync_dir(root)
+        _fsync(root)
     return manifest
 
 
@@ -489,7 +482,7 @@ def atomic_publish(staging: str, target: str) -> None:
     new_files = _files_under(staging)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(target, MANIFEST_NAME))
-    _fsync_dir(target)
+    _fsync(target)
     for rel in new_files:
         destination = os.path.join(target, rel)
         os.makedirs(os.path.dirname(destination), exist_ok=True)
@@ -499,9 +492,9 @@ def atomic_publish(staging: str, target: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(target, rel))
     for folder in {os.path.dirname(os.path.join(target, rel)) for rel in new_files}:
-        _fsync_dir(folder)
+        _fsync(folder)
     os.replace(os.path.join(staging, MANIFEST_NAME), os.path.join(target, MANIFEST_NAME))
-    _fsync_dir(target)
+    _fsync(target)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -630,7 +623,7 @@ class AtomicCheckpointMixin:
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(written, final)
-            _fsync_dir(run_dir)
+            _fsync(run_dir)
             shutil.rmtree(staging, ignore_errors=True)
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging):
