@@ -326,14 +326,23 @@ def test_malformed_http_gets_a_clean_error_and_the_connection_closes(server, raw
 def test_dropped_clients_are_logged_at_most_once_a_minute(server, caplog):
     body = json.dumps({"prompt": [[5] * 300] * 4, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}).encode()
     caplog.set_level(logging.DEBUG, logger="scope_opd.teachers.serve")
-    before = server.counters["disconnects"]
+    # On a loaded machine the 20 connections can all be open at once, past this server's
+    # max_connections=16: the ones over the cap are refused (or evict a stale one) instead of being
+    # read, which is the cap doing its job. Every dropped client must be accounted for, one way or the other.
+    outcomes = ("disconnects", "refused_at_cap", "evicted")
+    before = {name: server.counters[name] for name in outcomes}
+
+    def accounted() -> int:
+        return sum(server.counters[name] - before[name] for name in outcomes)
+
     for _ in range(20):
         with socket.create_connection(address(server), timeout=5) as s:
             s.sendall(_post(body, f"Content-Length: {len(body) + 10}".encode()))  # 10 bytes short, then gone
     deadline = time.monotonic() + 60  # generous: the loop ends as soon as all 20 are seen (a loaded CI machine)
-    while server.counters["disconnects"] - before < 20 and time.monotonic() < deadline:
+    while accounted() < 20 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.counters["disconnects"] - before == 20
+    assert accounted() == 20, {name: server.counters[name] - before[name] for name in outcomes}
+    assert server.counters["disconnects"] - before["disconnects"] >= 16  # at least the cap's worth were read and dropped
     records = [r for r in caplog.records if r.name == "scope_opd.teachers.serve"]
     assert len(records) <= 1 and not any(r.exc_info for r in records)  # no traceback flood
     well_behaved_answer(server.url)
