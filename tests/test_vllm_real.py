@@ -5,6 +5,9 @@ char tokenizer; one embedding row is NaN, see ``tests/vllm_helpers.py``): one as
 (``--dtype float32``, ``--max-model-len 64``), one with ``--logprobs-mode raw_logits``. vLLM runs from its own
 venv (``scripts/vllm_venv.sh``, cached outside the checkout; the first build takes tens of minutes).
 
+The last test runs TRL's colocate vLLM generation inside the trainer, in that venv (``scripts/vllm_trainer_layer.sh``
+adds TRL to it) for ``student_logprob_source``.
+
 ``SCOPE_SKIP_REAL_VLLM=1`` skips the module for quick local runs; under ``CI=true`` it never skips.
 """
 
@@ -21,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scope_opd.teachers import InProcessTeacher, ServerTeacher, TeacherServerError
 from scope_opd.teachers.server_client import VLLM_MAX_PROMPTS_PER_REQUEST
-from vllm_helpers import NAN_TOKEN, VLLMServer, save_tiny_vllm_checkpoint, vllm_python
+from vllm_helpers import NAN_TOKEN, VLLMServer, run_sampler_runs, save_tiny_vllm_checkpoint, trainer_python, vllm_python
 
 MAX_MODEL_LEN = 64
 BOOT_TIMEOUT_S = 900  # engine start: 20-45 s on an idle 2-core machine, several minutes on a busy one
@@ -227,3 +230,62 @@ def test_nan_row_comes_back_all_nan_alone_and_the_other_rows_of_its_request_are_
         assert max_abs_diff([scores[i]], [expected[i]]) < 1e-4, i
     # the batch, refused; then each row alone
     assert client.counters() == {"requests": 5, "retries": 0, "failures": 0, "nan_rows": len(all_nan)}
+
+
+# -- student_logprob_source: TRL's vLLM colocate generation, the trainer in the vLLM venv ----------------------
+
+
+def test_sampler_logprob_source_on_real_vllm_colocate(tmp_path, char_tokenizer):
+    """The student-guided weights read TRL's sampling log-probs ('sampler') or the forward's ('forward').
+
+    One process in the vLLM venv (scripts/vllm_trainer_layer.sh) trains one SCOPE step per run with
+    use_vllm=True, vllm_mode='colocate', vLLM in float32 and in bfloat16, the trainer in float32 (see
+    ``tests/vllm_helpers.py::_sampler_runs``). bf16 moves the sampler's log-probs far enough from the
+    forward's that the equalities below tell the two sources apart.
+    """
+    import json
+
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    save_tiny_vllm_checkpoint(student, char_tokenizer, nan_token=None, seed=0)
+    save_tiny_vllm_checkpoint(teacher, char_tokenizer, nan_token=None, seed=1)
+    runs = [{"name": f"{source}-{dtype}", "source": source, "dtype": dtype}
+            for dtype in ("float32", "bfloat16") for source in ("sampler", "forward")]
+    runs.append({"name": "nan-bfloat16", "source": "sampler", "dtype": "bfloat16", "nan_sampler_logps": True})
+    results = run_sampler_runs(trainer_python(), {"student": str(student), "teacher": str(teacher),
+                                                   "output_dir": str(tmp_path / "out"), "runs": runs}, tmp_path)["runs"]
+    (tmp_path / "sampler_runs.json").write_text(json.dumps(results, indent=1))
+
+    def close(a, b, atol=1e-6):
+        return torch.allclose(torch.tensor(a), torch.tensor(b), rtol=0, atol=atol)
+
+    for dtype in ("float32", "bfloat16"):
+        sampler, forward = results[f"sampler-{dtype}"], results[f"forward-{dtype}"]
+        assert any(sampler["correct"]) and not all(sampler["correct"]), "the toy verdict should mix the batch"
+        # 'sampler': the weights' means are the mean of TRL's sampling log-probs over the completion mask ...
+        assert close(sampler["used_mean_logp"], sampler["sampler_mean_logp"])
+        assert close(sampler["trainer_student_weights"], sampler["weights_from_sampler"])
+        # ... and no old-log-prob forward ran (TRL skips it: no IS correction, aligned steps), nor reached the loss
+        assert sampler["logged"]["timing/old_logprob"] == 0.0 and not sampler["old_logps_in_loss"]
+        assert sampler["logged"]["scope/student_logp_from_sampler"] == 1.0
+        assert sampler["logged"]["scope/sampler_logp_fallback_rows"] == 0.0
+        # 'forward': the trainer's own forward, which ran
+        assert close(forward["used_mean_logp"], forward["reference_mean_logp"])
+        assert close(forward["trainer_student_weights"], forward["weights_from_reference"])
+        assert forward["logged"]["timing/old_logprob"] > 0 and forward["old_logps_in_loss"]
+        assert forward["logged"]["scope/student_logp_from_sampler"] == 0.0
+        for run in (sampler, forward):
+            assert math.isfinite(run["logged"]["loss"]) and math.isfinite(run["logged"]["grad_norm"])
+        print(f"real vLLM colocate, vLLM {dtype} vs trainer float32: max |token log-prob diff| "
+              f"{sampler['max_token_logp_diff']:.2e}, max |student weight diff| {sampler['max_weight_diff']:.2e}")
+
+    # fp32 vLLM reproduces the trainer (so vLLM serves the trainer's weights); bf16 visibly does not
+    assert results["sampler-float32"]["max_weight_diff"] < 1e-4
+    bf16 = results["sampler-bfloat16"]
+    assert not close(bf16["sampler_mean_logp"], bf16["reference_mean_logp"], atol=1e-4)
+
+    # a NaN sampler log-prob (vLLM's None) on the correct rows: this batch's weights come from the forward, counted
+    nan = results["nan-bfloat16"]
+    assert nan["logged"]["scope/sampler_logp_fallback_rows"] == sum(nan["correct"]) > 0
+    assert nan["logged"]["scope/student_logp_from_sampler"] == 0.0 and nan["logged"]["timing/old_logprob"] > 0
+    assert close(nan["used_mean_logp"], nan["reference_mean_logp"])
+    assert not nan["old_logps_in_loss"]  # the fallback feeds the weights only

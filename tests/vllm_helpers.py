@@ -133,3 +133,158 @@ class VLLMServer:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+# -- TRL colocate (use_vllm=True, vllm_mode="colocate") inside the vLLM venv ---------------------------------
+#
+# Colocate runs vLLM in the training process, so the trainer must run in the vLLM venv: tests call
+# `trainer_python()` (scripts/vllm_trainer_layer.sh adds TRL to that venv) and run this file as a script there,
+# with the checkout's src/ on PYTHONPATH: `python tests/vllm_helpers.py sampler-runs SPEC.json OUT.json`.
+
+TRAINER_LAYER_SCRIPT = REPO / "scripts" / "vllm_trainer_layer.sh"
+VLLM_ENV = dict(VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+                VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
+
+
+def trainer_python(timeout_s: float = 3600) -> str:
+    """The vLLM venv's python with TRL added (scripts/vllm_trainer_layer.sh; ~1 min once, on top of the venv)."""
+    result = subprocess.run(["bash", str(TRAINER_LAYER_SCRIPT)], capture_output=True, text=True, timeout=timeout_s)
+    if result.returncode != 0:
+        raise RuntimeError(f"{TRAINER_LAYER_SCRIPT} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def run_sampler_runs(python: str, spec: dict, workdir: Path, timeout_s: float = 900) -> dict:
+    """Run :func:`_sampler_runs` in the vLLM venv; returns its JSON results (raises with the log tail on failure)."""
+    import json
+    import sys
+
+    spec_path, out_path, log = workdir / "spec.json", workdir / "out.json", workdir / "sampler_runs.log"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, **VLLM_ENV, PYTHONPATH=str(REPO / "src"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    with open(log, "w") as out:
+        process = subprocess.run([python, str(Path(__file__).resolve()), "sampler-runs", str(spec_path), str(out_path)],
+                                 stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, cwd=workdir)
+    tail = log.read_text(errors="replace")[-6000:]
+    if process.returncode != 0 or not out_path.exists():
+        raise RuntimeError(f"sampler runs in the vLLM venv failed (exit {process.returncode}; {sys.executable} "
+                           f"started {python}):\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+def _sampler_runs(spec: dict) -> dict:
+    """One SCOPE step per run with TRL's vLLM colocate generation: what the student-guided weights read.
+
+    Spec: ``student``, ``teacher`` (checkpoint folders), ``output_dir``, ``runs``: ``[{"name", "source", "dtype",
+    "nan_sampler_logps"}]``; ``dtype`` is vLLM's (TRL passes none, so on CPU it would silently run bf16), the
+    trainer is float32. Per run it records the tensors
+    the weights were built from (through a pass-through spy on the trainer's ``row_statistics``), TRL's
+    ``sampling_per_token_logps``, an untimed fp32 reference forward of the same batch, and the logged metrics.
+    """
+    import functools
+    import time
+
+    import torch
+    import trl.generation.vllm_generation as trl_vllm
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    import scope_opd.trainer as scope_trainer
+    from scope_opd.algorithms import sequence_mean_logp
+    from scope_opd.batch import path_weights
+
+    torch.set_num_threads(1)
+    vllm_llm = trl_vllm.LLM
+
+    seen = {}
+    row_statistics = scope_trainer.row_statistics
+
+    def spy(completion_mask, student_token_logp, *args, **kwargs):
+        result = row_statistics(completion_mask, student_token_logp, *args, **kwargs)
+        seen.update(student_token_logp=student_token_logp, result=result)
+        return result
+
+    scope_trainer.row_statistics = spy
+
+    class Probe(scope_trainer.SCOPETrainer):
+        nan_sampler_logps = False
+
+        def _scope_inputs(self, output):
+            with torch.no_grad():  # GRPOTrainer's forward, not SCOPETrainer's timed one: not an "old_logprob"
+                seen["reference"], _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                    self, self.model, torch.cat([output["prompt_ids"], output["completion_ids"]], 1),
+                    torch.cat([output["prompt_mask"], output["completion_mask"]], 1), output["completion_ids"].size(1))
+            seen["sampling"] = output["sampling_per_token_logps"].clone()
+            if self.nan_sampler_logps:  # what TRL makes of a NaN vLLM returns (None -> NaN), on every row
+                output["sampling_per_token_logps"][:, 0] = float("nan")
+            inputs = super()._scope_inputs(output)
+            seen.update(output=output, inputs=inputs)
+            return inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["student"])
+    results = {"runs": {}}
+    for run in spec["runs"]:
+        seen.clear()
+        # TRL 1.16's colocate LLM(...) takes no dtype and no enforce_eager: add them (the engine stays vLLM's own).
+        trl_vllm.LLM = functools.partial(vllm_llm, dtype=run["dtype"], enforce_eager=True)
+        args = scope_trainer.SCOPEConfig(
+            output_dir=str(Path(spec["output_dir"]) / run["name"]), algorithm="scope", use_vllm=True,
+            vllm_mode="colocate", vllm_importance_sampling_correction=False, vllm_max_model_length=128,
+            student_logprob_source=run["source"], per_device_train_batch_size=8, num_generations=4,
+            max_completion_length=12, max_steps=1, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+            bf16=False, seed=0, learning_rate=1e-3, dataloader_num_workers=0,
+        )
+        trainer = Probe(
+            AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32),
+            # a real, deterministic verdict that mixes groups: a completion whose characters' code points sum to
+            # an even number is "correct" (the random student never ends a completion, so lengths are all equal)
+            reward_funcs=[lambda prompts, completions, **kw: [float(sum(map(ord, c)) % 2 == 0) for c in completions]],
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["Add 12+7.\n", "Add 30+45.\n"], "answer": ["19", "75"]}),
+            processing_class=tokenizer,
+            teacher_model=AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32),
+        )
+        trainer.nan_sampler_logps = bool(run.get("nan_sampler_logps"))
+        # vLLM loaded the student's checkpoint, which is what the trainer holds before its first update; TRL's
+        # first weight sync would copy the same weights, and on CPU it fails (vLLM repacks linear weights).
+        trainer._last_loaded_step = 0
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        (logged,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+        output, inputs, stats = seen["output"], seen["inputs"], seen["result"]
+        mask = output["completion_mask"].bool()
+        correct = inputs["scope_correct"].bool()
+        group_ids = torch.arange(mask.shape[0]) // 4
+        means = {"sampler": sequence_mean_logp(torch.where(mask, seen["sampling"], 0.0), mask),
+                 "reference": sequence_mean_logp(seen["reference"], mask)}
+        weights = {name: path_weights(group_ids, correct, mean, stats["teacher_mean_logp"], stats["valid"],
+                                      algorithm="scope")[1] for name, mean in means.items()}
+        token_diff = (seen["sampling"] - seen["reference"])[mask].abs()
+        results["runs"][run["name"]] = {
+            "source": run["source"], "dtype": run["dtype"], "seconds": seconds,
+            "used_mean_logp": stats["student_mean_logp"].tolist(),
+            "sampler_mean_logp": means["sampler"].tolist(),
+            "reference_mean_logp": means["reference"].tolist(),
+            "correct": correct.tolist(),
+            "trainer_student_weights": inputs["scope_student_weights"].tolist(),
+            "weights_from_sampler": weights["sampler"].tolist(),
+            "weights_from_reference": weights["reference"].tolist(),
+            "max_token_logp_diff": token_diff.max().item(),
+            "max_weight_diff": (weights["sampler"] - weights["reference"]).abs().max().item(),
+            "old_logps_in_loss": "old_per_token_logps" in inputs,
+            "logged": {k: v for k, v in logged.items() if isinstance(v, (int, float))},
+        }
+        del trainer
+    return results
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "sampler-runs":
+        raise SystemExit("usage: python tests/vllm_helpers.py sampler-runs SPEC.json OUT.json")
+    Path(sys.argv[3]).write_text(json.dumps(_sampler_runs(json.loads(Path(sys.argv[2]).read_text()))))

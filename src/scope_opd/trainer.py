@@ -43,6 +43,10 @@ from .checkpointing import AtomicCheckpointMixin
 
 ALGORITHMS = ("scope", "opd", "grpo", "kd")
 OFF_POLICY_CLIPS = ("none", "ppo", "authors")
+STUDENT_LOGPROB_SOURCES = ("forward", "sampler")
+# vLLM sampling parameters after which its processed log-probs are not the tempered model's
+SAMPLER_RESHAPING_KWARGS = ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                            "frequency_penalty", "logit_bias", "allowed_token_ids", "bad_words")
 AGGREGATION_HELP = (
     "How each path's summed token losses are normalised (counts over the whole generation batch, all processes): "
     "'authors' (default; the authors' verl code): MLE path / masked tokens of correct rows + OPD path / all masked "
@@ -196,6 +200,20 @@ class SCOPEConfig(GRPOConfig):
         metadata={"help": "Rows sent to the overlapped teacher and not yet scored before generation waits (0: no limit "
                           "beyond the generation batch)."},
     )
+    student_logprob_source: str = field(
+        default="forward",
+        metadata={
+            "help": "Where the student-guided weights (scope, non-uniform student_weighting) get the sampled tokens' "
+            "log-probs: 'forward' (default): the trainer's own no-grad forward of the student (TRL's old log-probs "
+            "when it computes them, else one extra forward); 'sampler': the rollout engine's log-probs (TRL's "
+            "sampling_per_token_logps; needs use_vllm=True), saving that forward when TRL does not run it anyway "
+            "(vllm_importance_sampling_correction=False, aligned steps). The loss's old log-probs never come from "
+            "the sampler. Not the default: the sampler's numerics (vLLM's kernels, its dtype: TRL runs vLLM in "
+            "bf16 on CPU) differ from the trainer's, and so do the weights (measured: README, Performance). A "
+            "non-finite sampler log-prob on a correct row falls back to the forward for that batch "
+            "(scope/sampler_logp_fallback_rows)."
+        },
+    )
     # ---- end overlap / rollout log-probs
 
     def __post_init__(self):
@@ -272,6 +290,45 @@ class SCOPEConfig(GRPOConfig):
                     "correction compares the sampler's tempered log-probs with the trainer's: set "
                     "vllm_importance_sampling_correction=False or leave student_logprob_temperature unset"
                 )
+        self._check_student_logprob_source()  # after TRL's __post_init__: it derives steps_per_generation
+
+    def _check_student_logprob_source(self):
+        """``student_logprob_source``: a known value, and 'sampler' only where the sampler's log-probs mean the same."""
+        source = self.student_logprob_source
+        if source not in STUDENT_LOGPROB_SOURCES:
+            raise ValueError(f"student_logprob_source must be one of {STUDENT_LOGPROB_SOURCES}, got {source!r}")
+        if source != "sampler":
+            return
+        if not self.use_vllm:
+            raise ValueError("student_logprob_source='sampler' needs use_vllm=True: TRL's transformers generate returns "
+                             "no log-probs of the sampled tokens")
+        if self.algorithm != "scope" or self.student_weighting == "uniform":
+            warnings.warn(f"student_logprob_source='sampler' has no effect with algorithm={self.algorithm!r}, "
+                          f"student_weighting={self.student_weighting!r}: only scope's student-guided weights read the "
+                          "student's log-probs", stacklevel=3)
+            return
+        if self.student_logprob_temperature is not None and self.student_logprob_temperature != self.temperature:
+            raise ValueError(f"student_logprob_source='sampler' gives log-probs at the rollout temperature "
+                             f"{self.temperature}, but student_logprob_temperature={self.student_logprob_temperature}: "
+                             "use student_logprob_source='forward' or leave student_logprob_temperature unset")
+        # vLLM's processed log-probs are those of the distribution it samples from: after top-k/top-p/min-p and
+        # penalties. The trainer's log-probs (and the paper's weights) are of the tempered model alone.
+        reshaped = {"top_p": (self.top_p, 1.0), "top_k": (self.top_k, 0), "min_p": (self.min_p, 0.0),
+                    "repetition_penalty": (self.repetition_penalty, 1.0)}
+        reshaped.update({key: (value, None) for key, value in (self.generation_kwargs or {}).items()
+                         if key in SAMPLER_RESHAPING_KWARGS})
+        changed = [f"{key}={value!r}" for key, (value, neutral) in reshaped.items()
+                   if value is not None and value != neutral and not (key == "top_k" and value == -1)]
+        if changed:
+            raise ValueError(f"student_logprob_source='sampler' with {', '.join(changed)}: vLLM's log-probs are then "
+                             "those of the truncated / penalised sampling distribution, not the student's; use "
+                             "student_logprob_source='forward'")
+        if self.vllm_importance_sampling_correction or self.num_iterations > 1 or (
+            self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
+        ):
+            warnings.warn("student_logprob_source='sampler' saves no forward here: TRL computes the old log-probs "
+                          "anyway (vllm_importance_sampling_correction=True, or reused rollouts); the student-guided "
+                          "weights still use the sampler's log-probs, as asked", stacklevel=3)
 
 
 class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -625,6 +682,39 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             )
         return logps
 
+    _warned_sampler_logps_missing = False
+
+    def _student_token_logps(self, output, correct: torch.Tensor, mode: str) -> torch.Tensor:
+        """``[B, T]`` log-probs of the sampled tokens for the student-guided weights (``student_logprob_source``).
+
+        'sampler' reads TRL's ``sampling_per_token_logps``. If any process has a correct row (the rows the
+        student-guided weights read) with a non-finite sampler log-prob on a response token, or got no sampler
+        log-probs at all, every process falls back to the forward for this batch: one source per batch, and the
+        forward is a collective under ZeRO-3 / FSDP. Logged: ``scope/student_logp_from_sampler`` (1 or 0) and
+        ``scope/sampler_logp_fallback_rows``.
+        """
+        metrics = self._metrics[mode]
+        if self.args.student_logprob_source == "forward":
+            metrics["scope/student_logp_from_sampler"].append(0.0)
+            return self._old_per_token_logps(output)
+        sampled = output.get("sampling_per_token_logps")
+        mask = output["completion_mask"].bool()
+        used = correct & mask.any(dim=1)
+        if sampled is None:  # e.g. a rollout_func that returns no log-probs
+            bad = used
+        else:
+            bad = used & ~torch.isfinite(torch.where(mask, sampled.float(), 0.0)).all(dim=1)
+        local = torch.tensor([[float(bad.sum()), float(sampled is None)]], device=self.accelerator.device)
+        fallback_rows, missing = self.accelerator.gather(local).sum(dim=0).tolist()
+        metrics["scope/sampler_logp_fallback_rows"].append(fallback_rows)
+        use_sampler = fallback_rows == 0 and missing == 0
+        metrics["scope/student_logp_from_sampler"].append(float(use_sampler))
+        if missing and not self._warned_sampler_logps_missing:
+            self._warned_sampler_logps_missing = True
+            warnings.warn("student_logprob_source='sampler', but the rollout engine returned no log-probs: the "
+                          "student-guided weights use the forward instead", stacklevel=2)
+        return sampled.float() if use_sampler else self._old_per_token_logps(output)
+
     def _score_teacher(self, output, rows: torch.Tensor) -> torch.Tensor:
         """Teacher log-probs ``[B, T]`` of the sampled tokens on ``rows`` (NaN elsewhere)."""
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
@@ -669,12 +759,16 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         # Only student-guided weights need the sampling policy's log-probs before the update; OPD and
         # the uniform-student ablation skip that extra forward unless TRL computed it anyway.
         needs_student_weights = args.algorithm == "scope" and args.student_weighting != "uniform"
-        old_logps = self._old_per_token_logps(output) if needs_student_weights else output.get("old_per_token_logps")
+        student_logps = self._student_token_logps(output, local_verdict, mode) if needs_student_weights else None
+        # The loss's old log-probs: the forward's, never the sampler's (with them the on-policy ratio would be
+        # exp(logp - sampler logp) instead of 1).
+        from_forward = needs_student_weights and args.student_logprob_source == "forward"
+        old_logps = student_logps if from_forward else output.get("old_per_token_logps")
         output_old = {} if old_logps is None else {"old_per_token_logps": old_logps}
 
         on_teacher_path = teacher_rows(local_verdict, args.algorithm)
         teacher_logps = self._score_teacher(output, on_teacher_path)
-        rows = row_statistics(completion_mask, old_logps if needs_student_weights else None, teacher_logps, on_teacher_path)
+        rows = row_statistics(completion_mask, student_logps, teacher_logps, on_teacher_path)
         valid = rows["valid"]
 
         gather = self.accelerator.gather
