@@ -5,6 +5,7 @@ One training step, top to bottom (paper section 2; shared/SCOPE_METHOD.md):
 1. rollout   - TRL samples G completions per prompt (transformers or vLLM).
 2. verify    - TRL calls the reward functions (our verifiers); reward >= threshold is "correct".
 3. old logp  - student log-probs of the sampled tokens under the sampling policy.
+               (``student_logprob_source='sampler'``: vLLM's, for the weights only.)
 4. teacher   - teacher log-probs of those tokens (incorrect rows for SCOPE, all rows for OPD).
 5. weights   - :func:`scope_opd.algorithms.dual_path_weights` over whole prompt groups,
                gathered across processes, *before* TRL shuffles and splits the batch.
