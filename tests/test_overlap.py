@@ -319,3 +319,20 @@ def test_overlap_without_a_teacher_or_chunks_is_refused_at_the_first_step(tmp_pa
     trainer = make_trainer(tmp_path, tiny_pair_dir, algorithm="grpo", teacher_overlap=True, max_steps=1)
     with pytest.raises(ValueError, match="teacher_overlap needs a teacher"):
         train(trainer)
+
+
+class AllCorrect(CountingVerifier):
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        self.verified += len(completions)
+        return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("chunks", [0, 1], ids=["streamed", "chunked"])
+def test_a_last_batch_with_nothing_for_the_teacher_leaves_no_overlap_thread_running(tmp_path, tiny_pair_dir, chunks):
+    # Every rollout correct: SCOPE's teacher has no rows, so the batch's prefetch is never asked for scores;
+    # it must still be closed with the batch, not left running after training ends.
+    trainer = train(make_trainer(tmp_path, tiny_pair_dir, teacher_model=tiny_pair_dir["teacher"], teacher_overlap=True,
+                                 rollout_chunk_groups=chunks, verifier=AllCorrect()))
+    assert all(batch["scope_correct"].all() for batch in trainer.generation_batches)
+    assert trainer._teacher_prefetch is None
+    assert [t for t in threading.enumerate() if t.name.startswith("teacher-overlap")] == []

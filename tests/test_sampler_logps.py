@@ -43,9 +43,16 @@ def test_unknown_source_names_the_field():
         SCOPEConfig("o", **dict(CPU, student_logprob_source="vllm"))
 
 
-def test_sampler_without_vllm_is_refused():
-    with pytest.raises(ValueError, match=r"student_logprob_source='sampler' needs use_vllm=True"):
-        SCOPEConfig("o", **dict(CPU, student_logprob_source="sampler"))
+def test_sampler_with_transformers_generate_is_accepted_with_any_sampling_options():
+    # Read during generate from the model's own logits, before generate's top-k/top-p: not vLLM's processed ones.
+    args, warned = config(**dict(CPU, student_logprob_source="sampler", top_p=0.95, top_k=20))
+    assert args.student_logprob_source == "sampler" and warned == []
+
+
+@pytest.mark.parametrize("flag", ["use_transformers_paged", "use_transformers_continuous_batching"])
+def test_sampler_with_transformers_continuous_batching_is_refused(flag):
+    with pytest.raises(ValueError, match=rf"student_logprob_source='sampler' needs vLLM or transformers' generate"):
+        SCOPEConfig("o", **dict(CPU, student_logprob_source="sampler", **{flag: True}))
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -85,10 +92,9 @@ def test_sampler_warns_when_trl_runs_the_forward_anyway(overrides):
 
 # -- the trainer's choice, on a real batch -------------------------------------------------------------
 #
-# transformers' generate gives no sampler log-probs, so a trainer cannot be configured with 'sampler' here.
-# These tests build a real trainer and batch (use_vllm=False, one real step), then switch the option on
-# the built trainer and hand `_student_token_logps` a sampler tensor derived from the real forward: the
-# method's contract, with a known answer. The real-vLLM tier checks the same end to end.
+# These tests build a real trainer and batch (one real step with transformers' generate and the forward),
+# then hand `_student_token_logps` a sampler tensor derived from the real forward: the method's contract,
+# with a known answer. The end-to-end runs are below (transformers' generate) and in the real-vLLM tier.
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +188,63 @@ def test_missing_sampler_logprobs_fall_back_to_the_forward_with_a_warning(batch)
     assert torch.equal(used, forward)
     assert trainer._metrics["train"]["scope/student_logp_from_sampler"] == [0.0]
     assert trainer._metrics["train"]["scope/sampler_logp_fallback_rows"] == [float(correct.sum())]
+
+
+# -- end to end with transformers' generate: the log-probs read while it samples ------------------------
+
+
+def one_step(tiny_pair_dir, tmp_path, source, **overrides):
+    args = SCOPEConfig(
+        output_dir=str(tmp_path / source), algorithm="scope", max_completion_length=8, max_steps=1, logging_steps=1,
+        save_strategy="no", seed=0, temperature=0.8, top_k=20, top_p=0.95, dataloader_num_workers=0,
+        student_logprob_source=source, **{**CPU, **overrides},
+    )
+
+    class Recording(SCOPETrainer):
+        forwards = 0
+
+        def _generate_and_score_completions(self, inputs):
+            self.output = super()._generate_and_score_completions(inputs)
+            return self.output
+
+        def _old_per_token_logps(self, output):
+            Recording.forwards += output.get("old_per_token_logps") is None
+            return super()._old_per_token_logps(output)
+
+    trainer = Recording(
+        AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"]),
+        reward_funcs=[lambda prompts, completions, **kw: [float(len(c) % 2 == 0) for c in completions]],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["Add 12+7.\n", "Add 30+45.\n"], "answer": ["19", "75"]}),
+        processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]),
+        teacher_model=AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]),
+    )
+    trainer.train()
+    return trainer, Recording.forwards
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(teacher_overlap=True), dict(teacher_overlap=True, rollout_chunk_groups=1)],
+                         ids=["plain", "overlap-streaming", "overlap-chunks"])
+def test_sampler_with_transformers_generate_reads_logprobs_while_sampling_and_skips_the_forward(
+        tiny_pair_dir, tmp_path, overrides):
+    sampler, sampler_forwards = one_step(tiny_pair_dir, tmp_path, "sampler", **overrides)
+    forward, forward_forwards = one_step(tiny_pair_dir, tmp_path, "forward", **overrides)
+    out_s, out_f = sampler.output, forward.output
+    # Same seed, same policy: the same rollouts, so the two sources can be compared row by row.
+    assert torch.equal(out_s["completion_ids"], out_f["completion_ids"])
+    mask = out_s["completion_mask"].bool()
+    assert "sampling_per_token_logps" in out_s and "sampling_per_token_logps" not in out_f
+    assert (sampler_forwards, forward_forwards) == (0, 1)  # the extra old-log-prob forward ran only for 'forward'
+    logged = sampler.state.log_history[0]
+    assert logged["scope/student_logp_from_sampler"] == 1.0 and logged["scope/sampler_logp_fallback_rows"] == 0.0
+    assert logged["timing/old_logprob"] == 0.0
+    assert "old_per_token_logps" not in out_s  # the loss's ratio stays exactly 1: TRL's logp.detach()
+    # The sampled log-probs equal the forward's token by token (fp32: KV-cache decoding vs one full pass) ...
+    sampled = out_s["sampling_per_token_logps"]
+    assert (sampled - out_f["old_per_token_logps"]).abs()[mask].max() < 1e-5
+    # ... and the weights read them: student-guided weights of the correct rows agree to the same precision.
+    correct = out_s["scope_correct"].bool()
+    assert correct.any()
+    assert torch.allclose(out_s["scope_student_weights"], out_f["scope_student_weights"], atol=1e-5)
+    assert torch.allclose(sequence_mean_logp(sampled, mask)[correct],
+                          sequence_mean_logp(out_f["old_per_token_logps"], mask)[correct], atol=1e-5)

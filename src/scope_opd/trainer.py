@@ -206,13 +206,14 @@ class SCOPEConfig(GRPOConfig):
         metadata={
             "help": "Where the student-guided weights (scope, non-uniform student_weighting) get the sampled tokens' "
             "log-probs: 'forward' (default): the trainer's own no-grad forward of the student (TRL's old log-probs "
-            "when it computes them, else one extra forward); 'sampler': the rollout engine's log-probs (TRL's "
-            "sampling_per_token_logps; needs use_vllm=True), saving that forward when TRL does not run it anyway "
-            "(vllm_importance_sampling_correction=False, aligned steps). The loss's old log-probs never come from "
-            "the sampler. Not the default: the sampler's numerics (vLLM's kernels, its dtype: TRL runs vLLM in "
-            "bf16 on CPU) differ from the trainer's, and so do the weights (measured: README, Performance). A "
-            "non-finite sampler log-prob on a correct row falls back to the forward for that batch "
-            "(scope/sampler_logp_fallback_rows)."
+            "when it computes them, else one extra forward); 'sampler': the rollout engine's log-probs, saving that "
+            "forward when TRL does not run it anyway: vLLM's (TRL's sampling_per_token_logps; with "
+            "vllm_importance_sampling_correction=False and aligned steps), or, with transformers' generate, "
+            "log_softmax(logits / temperature) read during the generate call itself (scope_opd.sampler_logprobs; "
+            "not with continuous batching). The loss's old log-probs never come from the sampler. Not the default: "
+            "the sampler's numerics (vLLM's kernels; KV-cache decoding; bf16) differ from the trainer's forward, and "
+            "so do the weights (measured: README, Performance). A non-finite or missing sampler log-prob on a "
+            "correct row falls back to the forward for that batch (scope/sampler_logp_fallback_rows)."
         },
     )
     # ---- end overlap / rollout log-probs
@@ -300,9 +301,10 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError(f"student_logprob_source must be one of {STUDENT_LOGPROB_SOURCES}, got {source!r}")
         if source != "sampler":
             return
-        if not self.use_vllm:
-            raise ValueError("student_logprob_source='sampler' needs use_vllm=True: TRL's transformers generate returns "
-                             "no log-probs of the sampled tokens")
+        if not self.use_vllm and (self.use_transformers_continuous_batching or self.use_transformers_paged):
+            raise ValueError("student_logprob_source='sampler' needs vLLM or transformers' generate: transformers' "
+                             "continuous batching (use_transformers_continuous_batching / use_transformers_paged) "
+                             "returns no log-probs of the sampled tokens and cannot be read while it samples")
         if self.algorithm != "scope" or self.student_weighting == "uniform":
             warnings.warn(f"student_logprob_source='sampler' has no effect with algorithm={self.algorithm!r}, "
                           f"student_weighting={self.student_weighting!r}: only scope's student-guided weights read the "
@@ -312,6 +314,16 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError(f"student_logprob_source='sampler' gives log-probs at the rollout temperature "
                              f"{self.temperature}, but student_logprob_temperature={self.student_logprob_temperature}: "
                              "use student_logprob_source='forward' or leave student_logprob_temperature unset")
+        reused = self.num_iterations > 1 or self.gradient_accumulation_steps % (self.steps_per_generation *
+                                                                              self.num_iterations) != 0
+        if not self.use_vllm:
+            # Read during transformers' generate: log_softmax(logits / temperature) of the model's own logits,
+            # before generate's logits processors (top-k/top-p/penalties), as the forward computes them.
+            if reused:
+                warnings.warn("student_logprob_source='sampler' saves no forward here: TRL computes the old "
+                              "log-probs anyway for reused rollouts; the student-guided weights still use the "
+                              "log-probs read during generate, as asked", stacklevel=3)
+            return
         # vLLM's processed log-probs are those of the distribution it samples from: after top-k/top-p/min-p and
         # penalties. The trainer's log-probs (and the paper's weights) are of the tempered model alone.
         reshaped = {"top_p": (self.top_p, 1.0), "top_k": (self.top_k, 0), "min_p": (self.min_p, 0.0),
@@ -324,9 +336,7 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError(f"student_logprob_source='sampler' with {', '.join(changed)}: vLLM's log-probs are then "
                              "those of the truncated / penalised sampling distribution, not the student's; use "
                              "student_logprob_source='forward'")
-        if self.vllm_importance_sampling_correction or self.num_iterations > 1 or (
-            self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
-        ):
+        if self.vllm_importance_sampling_correction or reused:
             warnings.warn("student_logprob_source='sampler' saves no forward here: TRL computes the old log-probs "
                           "anyway (vllm_importance_sampling_correction=True, or reused rollouts); the student-guided "
                           "weights still use the sampler's log-probs, as asked", stacklevel=3)
@@ -538,8 +548,11 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             self.model.training and rows is not None and len(rows) == len(prompt_ids) and images is None
             and not multimodal_fields and not self.tools and self.rollout_func is None
         )
+        generate = super()._generate_single_turn
+        if self._reads_sampled_logprobs():
+            generate = self._with_sampled_logprobs(generate)
         if not first_turn or not (args.rollout_chunk_groups > 0 or args.teacher_overlap):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         self._check_overlap_config()
         from .teachers.overlap import early_verification_supported, generate_in_chunks, generate_streaming
 
@@ -550,16 +563,50 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             warnings.warn("teacher_overlap: reward models and async reward functions are verified by TRL's own pass, "
                           "after generation; the teacher is not overlapped", stacklevel=2)
         elif args.rollout_chunk_groups > 0:
-            return generate_in_chunks(self, super()._generate_single_turn, prompt_ids, images, multimodal_fields,
+            return generate_in_chunks(self, generate, prompt_ids, images, multimodal_fields,
                                       num_generations, has_tool_images, rows)
         elif not (self.use_vllm or self.use_transformers_continuous_batching):
             # transformers' generate: each row goes to the verifier and the teacher as soon as it emits EOS.
-            return generate_streaming(self, super()._generate_single_turn, prompt_ids, images, multimodal_fields,
+            return generate_streaming(self, generate, prompt_ids, images, multimodal_fields,
                                       num_generations, has_tool_images, rows)
         else:
             warnings.warn("teacher_overlap with vLLM or continuous batching returns the batch at once: set "
                           "rollout_chunk_groups to overlap the teacher with later chunks", stacklevel=2)
-        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        return generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    def _reads_sampled_logprobs(self) -> bool:
+        """Whether this generate call reads the sampled tokens' log-probs itself (transformers' generate path)."""
+        args = self.args
+        return (args.student_logprob_source == "sampler" and args.algorithm == "scope"
+                and args.student_weighting != "uniform" and not self.use_vllm
+                and not (self.use_transformers_continuous_batching or args.use_transformers_paged))
+
+    def _with_sampled_logprobs(self, generate):
+        """TRL's transformers ``generate`` call, returning the sampled tokens' log-probs as vLLM's path does.
+
+        TRL turns them into ``sampling_per_token_logps``, which ``_student_token_logps`` reads; when the
+        capture cannot follow a call it returns ``None`` and that batch falls back to the forward.
+        """
+        from accelerate.utils import is_peft_model
+
+        from .sampler_logprobs import SampledLogprobCapture
+
+        def generate_reading_logprobs(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            model = self.accelerator.unwrap_model(self.model_wrapped)
+            if is_peft_model(model):
+                model = model.get_base_model()  # PeftModel.generate calls the base model's forward
+            with SampledLogprobCapture(model, self.temperature) as capture:
+                completion_ids, logprobs = generate(prompt_ids, images, multimodal_fields, num_generations,
+                                                    has_tool_images)
+            if logprobs is None:
+                logprobs = capture.per_row([list(ids) for ids in completion_ids])
+                if logprobs is None and not self._warned_capture_failed:
+                    self._warned_capture_failed = True  # the batch falls back to the forward (counted per batch)
+                    warnings.warn(f"student_logprob_source='sampler': could not read the sampled log-probs during "
+                                  f"generate ({capture.failure}); such batches use the forward", stacklevel=2)
+            return completion_ids, logprobs
+
+        return generate_reading_logprobs
 
     def _check_overlap_config(self):
         args = self.args
@@ -684,6 +731,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         return logps
 
     _warned_sampler_logps_missing = False
+    _warned_capture_failed = False
 
     def _student_token_logps(self, output, correct: torch.Tensor, mode: str) -> torch.Tensor:
         """``[B, T]`` log-probs of the sampled tokens for the student-guided weights (``student_logprob_source``).
@@ -722,6 +770,9 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         teacher_logps = torch.full(completion_ids.shape, float("nan"), device=completion_ids.device)
         row_index = rows.nonzero().flatten().tolist()
         if not row_index and not getattr(self.teacher, "synced_ranks", False):
+            if self._teacher_prefetch is not None:  # an overlapped batch with nothing to score: stop its thread now
+                self._teacher_prefetch.close()
+                self._teacher_prefetch = None
             return teacher_logps
         prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
         lengths = completion_mask.sum(dim=1).tolist()
