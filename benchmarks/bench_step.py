@@ -15,8 +15,10 @@ With ``--teacher server`` on a CPU machine the trainer and the teacher server ge
 thread and one core each (``--pin``, default on), so the teacher's work runs beside the
 trainer's rather than on top of it. Rounds interleave the methods (A B C A B C ...) so machine
 noise hits all alike; the table shows medians over rounds after one warm-up round. The last
-line reads ``SCOPE/GRPO step ratio: X (sync Y)``: the overlapped and the synchronous SCOPE step
-over TRL's default GRPO step (beta 0), measured side by side in this run.
+line reads ``SCOPE/GRPO step ratio: X (sync Y)``: X is SCOPE with the teacher overlapped and the
+student-guided weights from the log-probs read during generation (``student_logprob_source:
+sampler``), Y the synchronous default, each over TRL's default GRPO step (beta 0), measured side by
+side in this run; ``scope(overlap)`` (forward log-probs) is in the table too.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ METHODS = {
     "opd": dict(algorithm="opd"),
     "scope(sync)": dict(algorithm="scope"),
     "scope(overlap)": dict(algorithm="scope", teacher_overlap=True),
+    # The student-guided weights from the log-probs read while generate samples: no extra old-log-prob forward.
+    "scope(overlap+sampler)": dict(algorithm="scope", teacher_overlap=True, student_logprob_source="sampler"),
 }
 
 
@@ -212,15 +216,18 @@ def report(args, per_method, paths, dtype, cuda, chunk_groups, pin):
         print(f"| {labels.get(key, key)} | " + " | ".join(f"{medians[m][key]:.3f}" for m in METHODS) + " |")
     print("| total min-max | " + " | ".join(f"{spread[m][0]:.3f}-{spread[m][1]:.3f}" for m in METHODS) + " |")
     grpo = medians["grpo(beta=0)"]["total"]
-    sync, overlap, opd = medians["scope(sync)"], medians["scope(overlap)"], medians["opd"]
+    sync, overlap, opd = medians["scope(sync)"], medians["scope(overlap+sampler)"], medians["opd"]
+    forward_overlap = medians["scope(overlap)"]
     print(f"(SCOPE sync step - teacher) / grpo(beta=0) step = {(sync['total'] - sync['teacher']) / grpo:.3f}")
     print(f"SCOPE/grpo(beta=1e-4) step ratio: {overlap['total'] / medians['grpo(beta=1e-4)']['total']:.3f} "
           f"(sync {sync['total'] / medians['grpo(beta=1e-4)']['total']:.3f})")
     print(f"teacher share of a synchronous SCOPE step = {sync['teacher'] / sync['total']:.1%} (paper Table 8: 31%)")
     print(f"OPD/grpo(beta=0) step ratio = {opd['total'] / grpo:.3f}")
+    print(f"scope(overlap) with the forward's log-probs / grpo(beta=0) = {forward_overlap['total'] / grpo:.3f}")
     fastest = {name: spread[name][0] for name in METHODS}  # least disturbed by other load on a shared machine
-    print(f"fastest steps: SCOPE/GRPO {fastest['scope(overlap)'] / fastest['grpo(beta=0)']:.3f} "
+    print(f"fastest steps: SCOPE/GRPO {fastest['scope(overlap+sampler)'] / fastest['grpo(beta=0)']:.3f} "
           f"(sync {fastest['scope(sync)'] / fastest['grpo(beta=0)']:.3f})")
+    # X: overlapped teacher + sampler log-probs (SCOPE's fastest on-policy configuration); Y: the synchronous default.
     print(f"SCOPE/GRPO step ratio: {overlap['total'] / grpo:.3f} (sync {sync['total'] / grpo:.3f})")
 
 
