@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from math_verify import parse, verify
 
 from scope_opd.toy.sums import (
+    DEFAULT_TERMS,
     STRATEGIES,
     SumProblem,
     parse_sum_prompt,
@@ -21,65 +24,84 @@ EXAMPLE = SumProblem((7, 5, 9, 3, 8))
 
 
 def test_solutions_match_the_documented_example():
-    assert EXAMPLE.prompt == "Sum 7+5+9+3+8.\n" and EXAMPLE.answer == "32"
-    assert sum_solution(EXAMPLE, "left") == "7+5=12\n12+9=21\n21+3=24\n24+8=32\n\\boxed{32}"
-    assert sum_solution(EXAMPLE, "right") == "8+3=11\n11+9=20\n20+5=25\n25+7=32\n\\boxed{32}"
-    assert sum_solution(EXAMPLE, "pairs") == "7+5=12\n9+3=12\n12+12=24\n24+8=32\n\\boxed{32}"
+    assert EXAMPLE.prompt == "7+5+9+3+8\n" and EXAMPLE.answer == "32"
+    assert sum_solution(EXAMPLE, "left") == "12+9+3+8\n21+3+8\n24+8\n\\boxed{32}"
+    assert sum_solution(EXAMPLE, "right") == "7+5+9+11\n7+5+20\n7+25\n\\boxed{32}"
+    assert sum_solution(EXAMPLE, "pairs") == "12+12+8\n24+8\n\\boxed{32}"
     assert sum_solution(EXAMPLE.prompt, "pairs") == sum_solution(EXAMPLE, "pairs")
 
 
-def test_pairs_with_an_even_count_has_no_trailing_number():
-    assert sum_solution(SumProblem((1, 2, 3, 4)), "pairs") == "1+2=3\n3+4=7\n3+7=10\n\\boxed{10}"
+def test_pairs_with_an_even_count_merges_every_pair():
+    assert sum_solution(SumProblem((1, 2, 3, 4)), "pairs") == "3+7\n\\boxed{10}"
+    assert sum_solution(SumProblem((1, 2, 3, 4)), "right") == "1+2+7\n1+9\n\\boxed{10}"
 
 
-def test_every_strategy_is_arithmetically_right_and_differs_on_most_problems():
-    problems = sum_problems("test", 300, seed=2)
+def _rewrites(previous: list[int], terms: list[int]) -> bool:
+    """``terms`` is ``previous`` with neighbouring pairs replaced by their sums (one pair, or every pair)."""
+    one = [previous[:i] + [previous[i] + previous[i + 1]] + previous[i + 2 :] for i in range(len(previous) - 1)]
+    every = [previous[i] + previous[i + 1] for i in range(0, len(previous) - 1, 2)] + previous[len(previous) - len(previous) % 2 :]
+    return terms in one or terms == every
+
+
+@pytest.mark.parametrize("terms", [2, 3, 4, 5])
+def test_every_strategy_rewrites_correctly_and_differs_on_most_problems(terms):
+    problems = sum_problems("test", min(200, len(sum_problems("test", terms=terms))), seed=2, terms=terms)
     distinct = 0
     for problem in problems:
         texts = {s: sum_solution(problem, s) for s in STRATEGIES}
         for text in texts.values():
-            *steps, boxed = text.split("\n")
-            assert len(steps) == len(problem.numbers) - 1
-            for step in steps:
-                summands, total = step.split("=")
-                x, y = summands.split("+")
-                assert int(x) + int(y) == int(total)
-            assert steps[-1].endswith(f"={problem.answer}")
-            assert verify_sum_answer(boxed, problem.answer) == 1.0
+            *lines, boxed = text.split("\n")
+            assert boxed == f"\\boxed{{{problem.answer}}}"
+            previous = list(problem.numbers)
+            for line in [*lines, problem.answer]:
+                current = [int(t) for t in line.split("+")]
+                assert _rewrites(previous, current), (problem, text)
+                previous = current
+            assert verify_sum_answer(text, problem.answer) == 1.0
         distinct += len(set(texts.values())) == len(STRATEGIES)
-    # Mechanism (a): correct solutions of one problem differ (a palindrome like 3+1+4+1+3 can tie left and right).
-    assert distinct / len(problems) > 0.9
+    # Mechanism (a): from 4 numbers on, the three solutions of a problem always differ (with 2
+    # or 3 numbers pairs is left).
+    if terms >= 4:
+        assert distinct == len(problems)
 
 
 def test_strategy_of_a_completion_is_recognised_and_anything_else_is_none():
     for strategy in STRATEGIES:
         assert solution_strategy(EXAMPLE, sum_solution(EXAMPLE, strategy) + "\n") == strategy
-    slipped = sum_solution(EXAMPLE, "left").replace("12+9=21\n21+3=24\n24+8=32", "12+9=20\n20+3=23\n23+8=31")
+    slipped = "12+9+3+8\n20+3+8\n23+8\n\\boxed{31}"
     assert solution_strategy(EXAMPLE, slipped) is None
-    assert solution_strategy(EXAMPLE.prompt, "7+5=12") is None
+    assert solution_strategy(EXAMPLE.prompt, "12+9+3+8") is None
+    # Three numbers: pairs writes left's text (the first match is named). A palindrome does not
+    # tie: right rewrites the end of the line, left its start.
+    assert solution_strategy(SumProblem((4, 5, 6)), sum_solution(SumProblem((4, 5, 6)), "pairs")) == "left"
+    assert solution_strategy(SumProblem((3, 1, 1, 3)), sum_solution(SumProblem((3, 1, 1, 3)), "right")) == "right"
 
 
 def test_prompt_round_trips_and_bad_input_is_named():
-    assert parse_sum_prompt("Sum 7+5+9+3+8.\n") == EXAMPLE
-    for bad in ("Sum 7+5.", "Add 7+5.\n", "Sum 7+0+1.\n", "Sum 7.\n", "Sum 12+5.\n"):
+    assert parse_sum_prompt("7+5+9+3+8\n") == EXAMPLE
+    for p in sum_problems("train", 50, seed=7):
+        assert parse_sum_prompt(p.prompt) == p
+    for bad in ("7+5", "Sum 7+5.\n", "7+0+1\n", "7\n", "12+5\n", "7+5\n\n", " 7+5\n"):
         with pytest.raises(ValueError, match="not a sum prompt"):
             parse_sum_prompt(bad)
-    with pytest.raises(ValueError, match="1..9"):
+    with pytest.raises(ValueError, match=r"1\.\.9, got \(3, 10\)"):
         SumProblem((3, 10))
+    with pytest.raises(ValueError, match="not a sum prompt: 'Sum 7"):
+        sum_solution("Sum 7+5.\n")
     with pytest.raises(ValueError, match="strategy must be one of"):
         sum_solution(EXAMPLE, "middle")
 
 
 def test_splits_are_disjoint_up_to_reordering_and_seeded():
     train, test = sum_problems("train"), sum_problems("test")
-    assert len(train) + len(test) == 9**5
-    assert 0.15 < len(test) / 9**5 < 0.25
+    assert len(train) + len(test) == 9**DEFAULT_TERMS
+    assert 0.15 < len(test) / 9**DEFAULT_TERMS < 0.25
     multiset = lambda ps: {tuple(sorted(p.numbers)) for p in ps}  # noqa: E731
     assert not multiset(train) & multiset(test)
     assert sum_problems("train", 50, seed=3) == sum_problems("train", 50, seed=3)
     assert sum_problems("train", 50, seed=3) != sum_problems("train", 50, seed=4)
     assert all(p.split == "test" for p in sum_problems("test", 20, seed=1))
-    assert all(len(p.numbers) == 4 for p in sum_problems("train", 10, terms=4))
+    assert all(len(p.numbers) == 5 for p in sum_problems("train", 10, terms=5))
 
 
 def test_asking_for_too_much_or_a_bad_split_raises():
@@ -102,7 +124,7 @@ def test_verifier_checks_the_last_box_only():
     right = sum_solution(EXAMPLE, "right")
     assert verify_sum_answer(right, "32") == 1.0
     assert verify_sum_answer(right.replace("\\boxed{32}", "\\boxed{31}"), "32") == 0.0
-    assert verify_sum_answer("7+5=12\n", "32") == 0.0
+    assert verify_sum_answer("12+9+3+8\n", "32") == 0.0
     assert verify_sum_answer("\\boxed{30}\\boxed{32}", "32") == 1.0
 
 
@@ -115,7 +137,8 @@ def test_solutions_parse_with_math_verify_as_the_demo_scores_them():
 
 
 def test_max_completion_length():
-    assert sum_max_completion_chars(5) == max(len(sum_solution(SumProblem((9,) * 5), s)) for s in STRATEGIES) == 41
+    assert sum_max_completion_chars(5) == max(len(sum_solution(SumProblem((9,) * 5), s)) for s in STRATEGIES) == 31
+    assert sum_max_completion_chars(4) == len("18+9+9\n27+9\n\\boxed{36}") == 22
 
 
 # --- SFT data and models (quick recipe) ---------------------------------------
@@ -128,12 +151,15 @@ def test_sft_mix_is_skewed_for_the_student_and_even_for_the_teacher():
 
     recipe = recipe_for("sums")
     student, teacher = sft_texts(recipe, "student", seed=0), sft_texts(recipe, "teacher", seed=0)
-    assert len(teacher) == len(sum_problems("train"))  # the teacher sees more data ...
+    assert recipe.terms == DEFAULT_TERMS  # the demo draws its problems with the default
+    assert len(teacher) == len(sum_problems("train", terms=recipe.terms))  # the teacher sees more data ...
     assert len(student) == round(recipe.student_data_fraction * len(teacher))
+    assert min(w for _, w in recipe.student_mix) < max(w for _, w in recipe.student_mix) / 2  # skewed
     for texts, mix in ((student, recipe.student_mix), (teacher, recipe.teacher_mix)):
-        counts = Counter(solution_strategy(prompt, completion) for prompt, completion in texts[:3000])
-        for strategy, share in mix:  # ... and more strategies (palindromes tie left/right: small tolerance)
-            assert abs(counts[strategy] / 3000 - share) < 0.03, (strategy, counts)
+        counts = Counter(solution_strategy(prompt, completion) for prompt, completion in texts)
+        for strategy, share in mix:  # ... and more strategies, in the recipe's shares
+            assert abs(counts[strategy] / len(texts) - share) < 0.03, (strategy, counts)
+        assert all(len(parse_sum_prompt(prompt).numbers) == recipe.terms for prompt, _ in texts)
         assert all(parse_sum_prompt(prompt).split == "train" for prompt, _ in texts[:500])
     assert sft_texts(recipe, "student", seed=0) == student
     assert sft_texts(recipe, "student", seed=1) != student
@@ -156,8 +182,11 @@ def test_quick_sums_models_build_load_and_are_cached_apart_from_addition(tmp_pat
     assert paths.teacher.parent.name == f"{recipe_for('sums', quick=True).name}-seed0"
     model = AutoModelForCausalLM.from_pretrained(paths.student)
     tokenizer = AutoTokenizer.from_pretrained(paths.student)
-    assert model.generation_config.max_new_tokens == 48  # 41 characters + EOS, rounded up to 8
+    assert model.generation_config.max_new_tokens == 24  # 4 numbers: 22 characters + EOS, rounded up to 8
     ids = tokenizer(EXAMPLE.prompt + sum_solution(EXAMPLE, "pairs"), add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == EXAMPLE.prompt + sum_solution(EXAMPLE, "pairs")
+    assert len(ids) == len(EXAMPLE.prompt + sum_solution(EXAMPLE, "pairs"))  # one token per character
+    info = json.loads((paths.teacher.parent / "recipe.json").read_text())
+    assert info["recipe"]["terms"] == 4 and set(info["build_seconds"]) == {"teacher", "student"}
     assert ensure_toy_models(tmp_path, quick=True, task="sums", progress=False) == paths
     assert not (tmp_path / f"{recipe_for('addition', quick=True).name}-seed0").exists()

@@ -1,27 +1,35 @@
-"""The second toy task: a sum of several one-digit numbers, written step by step in one of several orders.
+"""The second toy task: a sum of several one-digit numbers, rewritten line by line in one of several orders.
 
 Why this task (issue: the addition toy cannot tell SCOPE from OPD), mechanism by mechanism:
 
-(a) correct solutions differ. Addition is commutative and associative, so the same sum
-    has several valid step-by-step solutions. Three strategies are defined
-    (:data:`STRATEGIES`): ``left`` accumulates left to right, ``right`` right to left,
-    ``pairs`` adds neighbouring pairs first and then the partial sums. The student is
+(a) correct solutions differ. Each line rewrites the whole remaining sum with neighbouring
+    terms replaced by their sum, until one number is left. Addition is commutative and
+    associative, so a problem has several valid solutions; three strategies are defined
+    (:data:`STRATEGIES`): ``left`` adds the first two terms, ``right`` the last two,
+    ``pairs`` every neighbouring pair at once (fewer, shorter lines). The student is
     pre-trained on a skewed mix (mostly ``left``), the teacher on all three evenly
     (:mod:`.models`), so a correct student rollout that took a rare order has a high
-    student perplexity: that is what the student-guided weight (eq. 5) reads.
+    student perplexity: that is what the student-guided weight (eq. 4) reads.
 (b) errors differ in how far the teacher can follow them. A wrong rollout has an
-    arithmetic slip (``12+9=20``), a skipped or repeated number, or a broken format.
-    The teacher (good, not perfect) continues a slipped partial sum consistently but
-    pays a large log-prob on the slip itself, and a skipped number or a broken line
-    puts it off its training distribution; so its perplexity differs between wrong
-    rollouts, which is what the teacher-guided weight (eq. 4) reads.
-(c) solutions are long enough to diverge: 5 numbers give 4 steps (about 45 characters),
-    each step's partial sum depends on the order chosen.
+    arithmetic slip (``12+9+3+8`` then ``20+3+8``), a dropped or repeated term, or a
+    broken line. After a slip the rest of the line is copied and the later steps are
+    local, so the teacher (good, not perfect) follows the slipped chain consistently and
+    pays only on the slip; a dropped term or a broken line puts it off its training
+    distribution. Its perplexity differs between wrong rollouts: what the teacher-guided
+    weight (eq. 5) reads.
+(c) solutions are long enough to diverge: 5 numbers give 3 to 4 lines (up to 31
+    characters), and every line depends on the order chosen before it.
 
-    prompt:      "Sum 7+5+9+3+8.\\n"
-    left:        "7+5=12\\n12+9=21\\n21+3=24\\n24+8=32\\n\\boxed{32}"
-    right:       "8+3=11\\n11+9=20\\n20+5=25\\n25+7=32\\n\\boxed{32}"
-    pairs:       "7+5=12\\n9+3=12\\n12+12=24\\n24+8=32\\n\\boxed{32}"
+    prompt:      "7+5+9+3+8\n"
+    left:        "12+9+3+8\n21+3+8\n24+8\n\\boxed{32}"
+    right:       "7+5+9+11\n7+5+20\n7+25\n\\boxed{32}"
+    pairs:       "12+12+8\n24+8\n\\boxed{32}"
+
+Why rewriting lines rather than "7+5=12\n12+9=21\n...": in that earlier format every
+step has to find the next unused number in the prompt by its position, which a 2-layer
+teacher learnt only to 39% Avg@8 in 1200 SFT steps; here the operands of each step are
+at a fixed place in the line above (its start, its end, or every pair), and the rest of
+the line is a copy, which small transformers learn quickly (measured in :mod:`.models`).
 
 The reward is the outcome only: the last ``\\boxed{}`` against the gold sum (the ``math``
 verifier, or :func:`verify_sum_answer` without dependencies). :func:`solution_strategy`
@@ -62,8 +70,8 @@ __all__ = [
 STRATEGIES = ("left", "right", "pairs")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
-DEFAULT_TERMS = 5
-_PROMPT_RE = re.compile(r"^Sum ([1-9](?:\+[1-9])+)\.\n$")
+DEFAULT_TERMS = 4
+_PROMPT_RE = re.compile(r"([1-9](?:\+[1-9])+)\n")
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class SumProblem:
 
     @property
     def prompt(self) -> str:
-        return "Sum " + "+".join(map(str, self.numbers)) + ".\n"
+        return "+".join(map(str, self.numbers)) + "\n"
 
     @property
     def answer(self) -> str:
@@ -91,53 +99,41 @@ class SumProblem:
 
 def parse_sum_prompt(prompt: str) -> SumProblem:
     """Inverse of ``SumProblem.prompt``; raises ``ValueError`` on anything else."""
-    match = _PROMPT_RE.match(prompt)
+    match = _PROMPT_RE.fullmatch(prompt) if isinstance(prompt, str) else None
     if match is None:
         raise ValueError(f"not a sum prompt: {prompt!r}")
     return SumProblem(tuple(int(n) for n in match.group(1).split("+")))
 
 
-def _steps(numbers: tuple[int, ...], strategy: str) -> list[tuple[int, int]]:
-    """The (left operand, right operand) of each written step."""
-    if strategy == "left":
-        order = list(numbers)
-    elif strategy == "right":
-        order = list(reversed(numbers))
-    elif strategy == "pairs":
-        # Neighbouring pairs first, then the partial sums left to right, then an odd last number.
-        steps, partials = [], []
-        for i in range(0, len(numbers) - 1, 2):
-            steps.append((numbers[i], numbers[i + 1]))
-            partials.append(numbers[i] + numbers[i + 1])
-        if len(numbers) % 2:
-            partials.append(numbers[-1])
-        total = partials[0]
-        for value in partials[1:]:
-            steps.append((total, value))
-            total += value
-        return steps
-    else:
+def _lines(numbers: tuple[int, ...], strategy: str) -> list[tuple[int, ...]]:
+    """The terms of each written line, down to the single total."""
+    if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    steps, total = [], order[0]
-    for value in order[1:]:
-        steps.append((total, value))
-        total += value
-    return steps
+    terms, lines = list(numbers), []
+    while len(terms) > 1:
+        if strategy == "left":
+            terms = [terms[0] + terms[1], *terms[2:]]
+        elif strategy == "right":
+            terms = [*terms[:-2], terms[-2] + terms[-1]]
+        else:  # pairs: every neighbouring pair at once, an odd last term carried over
+            terms = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)] + terms[len(terms) - len(terms) % 2 :]
+        lines.append(tuple(terms))
+    return lines
 
 
 def sum_solution(problem: SumProblem | str, strategy: str = "left") -> str:
-    """The completion a perfect model writes with ``strategy`` (no EOS), ending with ``\\boxed{sum}``."""
+    """The completion a perfect model writes with ``strategy`` (no EOS): one line per rewrite, the last ``\\boxed{sum}``."""
     if isinstance(problem, str):
         problem = parse_sum_prompt(problem)
-    lines = [f"{x}+{y}={x + y}\n" for x, y in _steps(problem.numbers, strategy)]
-    return "".join(lines) + f"\\boxed{{{problem.answer}}}"
+    *steps, (total,) = _lines(problem.numbers, strategy)
+    return "".join("+".join(map(str, terms)) + "\n" for terms in steps) + f"\\boxed{{{total}}}"
 
 
 def solution_strategy(problem: SumProblem | str, completion: str) -> str | None:
     """The strategy whose exact solution ``completion`` is (trailing whitespace ignored), else ``None``.
 
-    For two numbers ``left`` and ``pairs`` write the same text; the first match in
-    :data:`STRATEGIES` order is returned.
+    With two or three numbers ``pairs`` writes ``left``'s text; the first match in
+    :data:`STRATEGIES` order is returned. From four numbers on the three texts always differ.
     """
     if isinstance(problem, str):
         problem = parse_sum_prompt(problem)
