@@ -159,27 +159,32 @@ def signals(student, teacher, tokenizer, problems, completions, correct) -> dict
     flat_correct = [ok for oks in correct for ok in oks]
     group_ids = torch.arange(len(problems)).repeat_interleave(n)
     valid = torch.tensor([math.isfinite(a) and math.isfinite(b) for a, b in zip(student_nll, teacher_nll)])
+    flat = [(p, c) for p, cs in zip(problems, completions) for c in cs]
+    kinds = [str(solution_strategy(p, c.text) or "other-" + chain_kind(p, c.text)) for p, c in flat]
     out = {}
     for tau in (1.0, 0.5):  # tau 1: the paper's default and the demo's; 0.5: the sharper end of its C.2 sweep
         s_w, t_w = dual_path_weights(group_ids, torch.tensor(flat_correct), -torch.tensor(student_nll).nan_to_num(0.0),
                                      -torch.tensor(teacher_nll).nan_to_num(0.0), tau=tau, normalization="mean", valid=valid)
-        largest_s, largest_t = [], []
+        largest_s, largest_t, argmax_kind = [], [], Counter()
         for g in range(len(problems)):
             rows = range(g * n, (g + 1) * n)
             ok = [i for i in rows if flat_correct[i] and bool(valid[i])]
             bad = [i for i in rows if not flat_correct[i] and bool(valid[i])]
             if len(ok) >= 2:
                 largest_s.append(max(float(s_w[i]) for i in ok))
+                # Which kind of correct rollout the student path weighs most (ties: the first row).
+                argmax_kind[kinds[max(ok, key=lambda i: float(s_w[i]))]] += 1
             if len(bad) >= 2:
                 largest_t.append(max(float(t_w[i]) for i in bad))
         suffix = "" if tau == 1.0 else f"_tau{tau}"
         out["student_guided_largest" + suffix] = _quantiles(largest_s)
         out["teacher_guided_largest" + suffix] = _quantiles(largest_t)
+        if tau == 1.0:
+            out["student_guided_argmax_kind"] = dict(argmax_kind.most_common())
     by_strategy, by_kind = defaultdict(list), defaultdict(list)
-    flat = [(p, c) for p, cs in zip(problems, completions) for c in cs]
     for i, (p, c) in enumerate(flat):
         if flat_correct[i]:
-            by_strategy[str(solution_strategy(p, c.text) or "other-" + chain_kind(p, c.text))].append(student_nll[i])
+            by_strategy[kinds[i]].append(student_nll[i])
         else:
             by_kind[chain_kind(p, c.text)].append(teacher_nll[i])
     mean = lambda xs: round(statistics.fmean(xs), 3) if xs else None  # noqa: E731

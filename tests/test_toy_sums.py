@@ -29,6 +29,9 @@ def test_solutions_match_the_documented_example():
     assert sum_solution(EXAMPLE, "right") == "7+5+9+11\n7+5+20\n7+25\n\\boxed{32}"
     assert sum_solution(EXAMPLE, "pairs") == "12+12+8\n24+8\n\\boxed{32}"
     assert sum_solution(EXAMPLE.prompt, "pairs") == sum_solution(EXAMPLE, "pairs")
+    four = SumProblem((7, 5, 9, 3))  # the module docstring's example (the default 4 numbers)
+    assert [sum_solution(four, s) for s in STRATEGIES] == [
+        "12+9+3\n21+3\n\\boxed{24}", "7+5+12\n7+17\n\\boxed{24}", "12+12\n\\boxed{24}"]
 
 
 def test_pairs_with_an_even_count_merges_every_pair():

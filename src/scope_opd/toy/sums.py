@@ -17,19 +17,21 @@ Why this task (issue: the addition toy cannot tell SCOPE from OPD), mechanism by
     pays only on the slip; a dropped term or a broken line puts it off its training
     distribution. Its perplexity differs between wrong rollouts: what the teacher-guided
     weight (eq. 5) reads.
-(c) solutions are long enough to diverge: 5 numbers give 3 to 4 lines (up to 31
-    characters), and every line depends on the order chosen before it.
+(c) rollouts diverge: the first line fixes the order and every later line depends on it.
+    With the default 4 numbers (:data:`DEFAULT_TERMS`) a solution has 2 or 3 lines, at most
+    22 characters; 5 numbers were measured too (the teacher needs more steps and more of its
+    correct samples are compensating slips; see :mod:`.models`).
 
-    prompt:      "7+5+9+3+8\n"
-    left:        "12+9+3+8\n21+3+8\n24+8\n\\boxed{32}"
-    right:       "7+5+9+11\n7+5+20\n7+25\n\\boxed{32}"
-    pairs:       "12+12+8\n24+8\n\\boxed{32}"
+    prompt:      "7+5+9+3\n"
+    left:        "12+9+3\n21+3\n\\boxed{24}"
+    right:       "7+5+12\n7+17\n\\boxed{24}"
+    pairs:       "12+12\n\\boxed{24}"
 
 Why rewriting lines rather than "7+5=12\n12+9=21\n...": in that earlier format every
 step has to find the next unused number in the prompt by its position, which a 2-layer
 teacher learnt only to 39% Avg@8 in 1200 SFT steps; here the operands of each step are
 at a fixed place in the line above (its start, its end, or every pair), and the rest of
-the line is a copy, which small transformers learn quickly (measured in :mod:`.models`).
+the line is a copy (73% Avg@8 in 1300 steps; measured in :mod:`.models`).
 
 The reward is the outcome only: the last ``\\boxed{}`` against the gold sum (the ``math``
 verifier, or :func:`verify_sum_answer` without dependencies). :func:`solution_strategy`
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 __all__ = [
+    "DEFAULT_TERMS",
     "STRATEGIES",
     "SumProblem",
     "parse_sum_prompt",
@@ -70,6 +73,7 @@ __all__ = [
 STRATEGIES = ("left", "right", "pairs")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
+# Numbers per problem in the demo and the default recipe (``sums-v3``).
 DEFAULT_TERMS = 4
 _PROMPT_RE = re.compile(r"([1-9](?:\+[1-9])+)\n")
 
