@@ -52,6 +52,9 @@ def _variants():
         "default": base,
         "5-terms": dataclasses.replace(base, name=base.name + "-alt5terms", terms=5,
                                        teacher=dataclasses.replace(base.teacher, steps=1500)),
+        "student-60-25-15": dataclasses.replace(
+            base, name=base.name + "-alt60", student_mix=(("left", 0.60), ("right", 0.25), ("pairs", 0.15))
+        ),
         "student-85-10-5": dataclasses.replace(
             base, name=base.name + "-alt85", student_mix=(("left", 0.85), ("right", 0.10), ("pairs", 0.05))
         ),
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
     from scope_opd.toy.sums import sum_problems
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", default="default", help="default or a rejected alternative: 5-terms, student-85-10-5")
+    parser.add_argument("--variant", default="default", help="default or an alternative: 5-terms, student-60-25-15, student-85-10-5")
     parser.add_argument("--quick", action="store_true", help="the tiny test recipe (seconds; the numbers mean nothing)")
     parser.add_argument("--problems", type=int, default=160, help="test problems for accuracies and weights")
     parser.add_argument("--recovery-problems", type=int, default=100)

@@ -73,7 +73,7 @@ __all__ = [
 STRATEGIES = ("left", "right", "pairs")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
-# Numbers per problem in the demo and the default recipe (``sums-v3``).
+# Numbers per problem in the demo and the default recipe (``sums-v4``).
 DEFAULT_TERMS = 4
 _PROMPT_RE = re.compile(r"([1-9](?:\+[1-9])+)\n")
 
