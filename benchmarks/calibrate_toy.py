@@ -99,9 +99,10 @@ def chain_kind(problem, text: str) -> str:
     """How a completion's chain reads, line by line from the prompt.
 
     ``"valid"``: every line replaces one neighbouring pair (or every pair) of the line above by
-    its sum, down to ``\\boxed{total}``; ``"slip"``: the same, but some sums are wrong (the
-    rest of each line is copied consistently); ``"broken"``: anything else (a dropped,
-    repeated or miscopied term, a malformed line, no box at the end).
+    its sum, down to ``\\boxed{total}``; ``"slip"``: the same, but some lines differ from a valid
+    rewrite of the line above in exactly one term (a wrong sum, or a dropped or miscopied term
+    that looks like one); ``"broken"``: anything else (a line of the wrong length or two terms
+    off, a malformed line, no box at the end).
     """
     previous = list(problem.numbers)
     slipped = False

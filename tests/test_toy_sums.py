@@ -193,3 +193,24 @@ def test_quick_sums_models_build_load_and_are_cached_apart_from_addition(tmp_pat
     assert info["recipe"]["terms"] == 4 and set(info["build_seconds"]) == {"teacher", "student"}
     assert ensure_toy_models(tmp_path, quick=True, task="sums", progress=False) == paths
     assert not (tmp_path / f"{recipe_for('addition', quick=True).name}-seed0").exists()
+
+
+def test_calibration_classifies_chains():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_toy.py"
+    spec = importlib.util.spec_from_file_location("calibrate_toy", path)
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    four = SumProblem((7, 5, 9, 3))
+    for strategy in STRATEGIES:
+        assert calibrate.chain_kind(four, sum_solution(four, strategy)) == "valid"
+    assert calibrate.chain_kind(four, "7+14+3\n21+3\n\\boxed{24}") == "valid"  # the middle pair: another order
+    assert calibrate.chain_kind(four, "11+9+3\n20+3\n\\boxed{23}") == "slip"  # 7+5=11, then followed consistently
+    assert calibrate.chain_kind(four, "12+9+3\n20+3\n\\boxed{24}") == "slip"  # compensating: wrong chain, right total
+    assert calibrate.chain_kind(four, "12+3\n\\boxed{15}") == "slip"  # pairs with 9+3 written as 3: one wrong term
+    assert calibrate.chain_kind(four, "12+9+3+3\n\\boxed{27}") == "broken"  # a term repeated: the line did not shrink
+    assert calibrate.chain_kind(four, "3+9+12\n\\boxed{24}") == "broken"  # reordered: two terms off
+    assert calibrate.chain_kind(four, "12+9+3\n21+3") == "broken"  # no box
+    assert calibrate.chain_kind(four, "12+9+3\n2x\n\\boxed{24}") == "broken"
