@@ -76,3 +76,14 @@ def tiny_model(tiny_pair):
     """(student, tokenizer) of ``tiny_pair``."""
     student, _, tokenizer = tiny_pair
     return student, tokenizer
+
+
+@pytest.fixture(scope="module")
+def code_sandbox():
+    """The host's code sandbox (namespaces, rlimits, uids); the test is skipped, with the reason, where there is none."""
+    from scope_opd.evaluation.humaneval import check_code_sandbox
+
+    try:
+        return check_code_sandbox()
+    except RuntimeError as err:  # SandboxUnavailable included
+        pytest.skip(f"no code sandbox on this host: {err}")

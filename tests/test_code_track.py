@@ -26,7 +26,7 @@ from scope_opd.evaluation.code_benchmarks import (
     livecodebench_problem,
     taco_problem,
 )
-from scope_opd.evaluation.humaneval import check_code_sandbox
+from helpers import read_jsonl
 
 BENCH_DIR = Path(__file__).parent / "fixtures" / "eval" / "benchmarks"
 CODEFORCES = BENCH_DIR / "Codeforces.jsonl"  # TACO test-split rows, TACO's own fields
@@ -34,20 +34,8 @@ LIVECODEBENCH = BENCH_DIR / "LiveCodeBench.jsonl"  # code_generation_lite rows, 
 
 
 @pytest.fixture
-def code_sandbox():
-    try:
-        return check_code_sandbox()
-    except RuntimeError as err:  # SandboxUnavailable included
-        pytest.skip(f"no code sandbox on this host: {err}")
-
-
-@pytest.fixture
 def no_shipped_list(monkeypatch, tmp_path):
     monkeypatch.setattr(code_benchmarks, "CODEFORCES_LIST", tmp_path / "absent.json")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def taco_row(question, io, *, starter="", source="codeforces"):

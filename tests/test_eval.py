@@ -40,7 +40,7 @@ from scope_opd.evaluation.benchmarks import (
     registry_table,
 )
 from scope_opd.evaluation.evaluate import aggregate_records, extract_answer
-from scope_opd.evaluation.humaneval import HUMANEVAL_VERIFIER, check_code_sandbox, humaneval_program, humaneval_score
+from scope_opd.evaluation.humaneval import HUMANEVAL_VERIFIER, humaneval_program, humaneval_score
 from scope_opd.evaluation.report import compare, format_table
 from scope_opd.evaluation.sampling import format_prompts
 
@@ -207,14 +207,6 @@ def test_answer_helpers():
     assert extract_answer("x\n```python\ndef f():\n    return 1\n```\n", "code") == "def f():\n    return 1\n"
     assert extract_answer("The answer is 42", "exact") == "The answer is 42"
     assert extract_answer("whatever", "pkg.mod:fn") is None
-
-
-@pytest.fixture(scope="module")
-def code_sandbox():
-    try:
-        return check_code_sandbox()
-    except RuntimeError as err:  # SandboxUnavailable included
-        pytest.skip(f"no code sandbox on this host: {err}")
 
 
 def test_humaneval_scoring_runs_the_problems_check_in_the_sandbox(benchmark_dir, code_sandbox):
