@@ -75,8 +75,14 @@ class DemoSettings:
 
     # Training budget per method and seed: steps x prompts_per_step prompts x rollouts samples.
     # 8 rollouts per prompt as in the paper (G = 8); 8 prompts per step gives 64 rollouts per
-    # step, one generate() call; 40 steps is what 20 runs afford in the time budget.
-    steps: int = 40
+    # step, one generate() call. Steps, from time and accuracies only (never from a method gap):
+    # 40 steps (sums-v3 models, 2 workers, load ~3) took 4.5 min from a fresh cache, half of it
+    # the build, and left the rollouts far from saturating (~45% correct, ~85% of groups mixed;
+    # base 43%, teacher 75% Avg@8). 80 steps on sums-v4 (base 36%, teacher 75%; rollouts ~36%
+    # correct, ~89% of groups mixed): 4.1 min from a fresh cache (build 77 s, 20 runs 170 s) at
+    # load 1-3, i.e. under a third of the 15-minute limit, the margin for a shared machine
+    # (load 5-8 was measured to slow these runs 2-3x).
+    steps: int = 80
     prompts_per_step: int = 8
     rollouts: int = 8
     # Constant, as in the paper's recipe; 1e-4 moves the 0.08M-parameter student visibly in
@@ -280,24 +286,24 @@ def run_job(job: Job, ctx: JobContext, report) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         report("start", job)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         tokenizer = AutoTokenizer.from_pretrained(ctx.student)
         if job.kind == "eval":
             model = AutoModelForCausalLM.from_pretrained(ctx.teacher if job.name == "teacher" else ctx.student)
-            result = evaluate(model, tokenizer, _test_set(settings), settings, job.name)
-            return {"result": result, "seconds": {"eval": time.perf_counter() - started}}
-        if job.kind == "recovery":
+            out = {"result": evaluate(model, tokenizer, _test_set(settings), settings, job.name)}
+        elif job.kind == "recovery":
             student = AutoModelForCausalLM.from_pretrained(ctx.student)
             teacher = AutoModelForCausalLM.from_pretrained(ctx.teacher)
-            recovery = _recovery_signal(student, teacher, tokenizer, settings)
-            return {"recovery": recovery, "seconds": {"eval": time.perf_counter() - started}}
-    raise ValueError(f"unknown job kind {job.kind!r}")
+            out = {"recovery": _recovery_signal(student, teacher, tokenizer, settings)}
+        else:
+            raise ValueError(f"unknown job kind {job.kind!r}")
+        return {**out, "seconds": {"eval": time.perf_counter() - started}, "cpu_seconds": time.process_time() - cpu}
 
 
 def _train_and_evaluate(job: Job, ctx: JobContext, report) -> dict:
     settings = ctx.settings
     report("start", job)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     train_dataset = _task_dataset(settings.task, settings.train_problems, seed=job.seed)
     curve_set = _curve_set(settings) if job.seed < settings.curve_seeds else None
     every = max(1, settings.steps // 4)
@@ -326,6 +332,8 @@ def _train_and_evaluate(job: Job, ctx: JobContext, report) -> dict:
         "diagnostics": _training_diagnostics(history),
         "signals": signals,
         "seconds": {"train": trained - started, "eval": time.perf_counter() - trained},
+        # This process's CPU, not its verifier processes': with the wall time, how contended the machine was.
+        "cpu_seconds": time.process_time() - cpu,
     }
 
 
@@ -735,7 +743,7 @@ def summarize(results: dict[Job, dict], jobs: list[Job], methods: dict, seeds: i
                            "student": str(paths.student), "verifier": _verifier_spec(settings),
                            "sampling": {"temperature": settings.temperature, "top_p": 0.95, "top_k": 20}}
     summary["curves"] = curves
-    summary["timing_seconds"] = {j.label: results[j]["seconds"] for j in jobs}
+    summary["timing_seconds"] = {j.label: {**results[j]["seconds"], "cpu": results[j]["cpu_seconds"]} for j in jobs}
     return summary
 
 
@@ -1133,6 +1141,7 @@ def _taus(text: str) -> list[float]:
     return taus
 
 
+# Measured side by side on the 2-core machine (README, the demo): see --workers' help.
 DEFAULT_WORKERS = 2
 
 
@@ -1160,9 +1169,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-recovery", action="store_true", help="skip the error-recovery study of the teacher")
     parser.add_argument("--quick", action="store_true", help="smoke run (tiny models, 2 steps; about a minute)")
     parser.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS,
-                        help=f"processes running the (method, seed) jobs in parallel (default {DEFAULT_WORKERS}: "
-                             "on 2 CPU cores, 2 one-thread processes were measured faster than 1 process with 2 "
-                             "threads); the results do not depend on it")
+                        help=f"processes running the (method, seed) jobs in parallel (default {DEFAULT_WORKERS}: on "
+                             "2 CPU cores, 2 one-thread processes ran the default 2.1x faster than 1 when the machine "
+                             "was otherwise idle, as fast when other jobs held the cores, and 1 process with 2 threads "
+                             "was 3-6x slower); the results do not depend on it")
     parser.add_argument("--threads", type=_positive_int, default=defaults.threads,
                         help=f"torch CPU threads of each job (default {defaults.threads}); part of the result, "
                              "since reductions split differently")
