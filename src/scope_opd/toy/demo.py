@@ -1047,7 +1047,12 @@ def reading(summary: dict) -> list[str]:
     for prev, name in zip(ranked, ranked[1:]):
         ordering += (" = " if math.isclose(methods[prev]["avg"], methods[name]["avg"], abs_tol=1e-9) else " > ") + name
     out = [f"- Ordering by Avg@{k}: {ordering} (paper, Avg@32: scope > opd > grpo > base > kd)."]
-    if "scope" in methods and "opd" in methods:
+    paired = (summary.get("comparisons") or {}).get("scope-opd")
+    if paired and paired["ci95"] is not None:
+        out.append(f"- SCOPE - OPD, paired over {paired['n']} seeds: Avg@{k} {100 * paired['avg_diff']:+.1f} points "
+                   f"{_ci(paired['ci95'])}, Pass@{k} {100 * paired['pass_diff']:+.1f} {_ci(paired['pass_ci95'])} "
+                   "(the verdict is in the ordering table above).")
+    elif "scope" in methods and "opd" in methods:
         out += _scope_vs_opd_lines(methods["scope"], methods["opd"], k, summary["settings"]["seeds"])
     diag = methods.get("scope", {}).get("training") or []
     if diag:
