@@ -1,6 +1,6 @@
 """`scope demo`: the paper's comparison (Table 1, Figs. 3-5) on a toy task, on CPU.
 
-Tasks: ``sums`` (default; a sum of five one-digit numbers with several valid solution
+Tasks: ``sums`` (default; a sum of four one-digit numbers with several valid solution
 orders and a skewed student, see :mod:`.sums`) and ``addition`` (``--task addition``; one
 solution format, the quick smoke test).
 
@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -262,6 +263,9 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()  # weight-loading and dataset-map bars; progress is reported by _log
     datasets.disable_progress_bars()
+    # transformers 5.x renames gradient_checkpointing -> activation_checkpointing and warns each time
+    # TRL 1.16 (pinned) uses the old names: 30 two-line warnings per demo, none of them actionable here.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def _warm_verifier(settings: DemoSettings) -> None:
@@ -1154,7 +1158,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--out", default="scope_demo", help="output folder (default: ./scope_demo)")
     parser.add_argument("--task", choices=TASKS, default=DEFAULT_TASK,
-                        help="sums (default: five one-digit numbers, several valid solution orders, a skewed student) "
+                        help="sums (default: four one-digit numbers, several valid solution orders, a skewed student) "
                              "or addition (2-digit, one solution format; the quick smoke test)")
     parser.add_argument("--methods", type=_methods, default=METHODS,
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
