@@ -97,19 +97,27 @@ def test_sampler_warns_when_trl_runs_the_forward_anyway(overrides):
 # with a known answer. The end-to-end runs are below (transformers' generate) and in the real-vLLM tier.
 
 
-@pytest.fixture(scope="module")
-def batch(tiny_pair_dir, tmp_path_factory):
+class RecordingTrainer(SCOPETrainer):
+    """Keeps the last generation batch's output and counts the extra old-log-prob forwards it ran."""
+
+    forwards = 0
+
+    def _generate_and_score_completions(self, inputs):
+        self.output = super()._generate_and_score_completions(inputs)
+        return self.output
+
+    def _old_per_token_logps(self, output):
+        self.forwards += output.get("old_per_token_logps") is None
+        return super()._old_per_token_logps(output)
+
+
+def train_one_step(tiny_pair_dir, output_dir, **config) -> RecordingTrainer:
+    """One real SCOPE step with transformers' generate on two prompts, a parity reward and the tiny pair."""
     args = SCOPEConfig(
-        output_dir=str(tmp_path_factory.mktemp("sampler")), algorithm="scope", max_completion_length=8, max_steps=1,
-        logging_steps=1, save_strategy="no", seed=0, temperature=1.0, dataloader_num_workers=0, **CPU,
+        output_dir=str(output_dir), algorithm="scope", max_completion_length=8, max_steps=1, logging_steps=1,
+        save_strategy="no", seed=0, dataloader_num_workers=0, **{**CPU, **config},
     )
-
-    class Recording(SCOPETrainer):
-        def _generate_and_score_completions(self, inputs):
-            self.output = super()._generate_and_score_completions(inputs)
-            return self.output
-
-    trainer = Recording(
+    trainer = RecordingTrainer(
         AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"]),
         reward_funcs=[lambda prompts, completions, **kw: [float(len(c) % 2 == 0) for c in completions]],
         args=args,
@@ -118,6 +126,12 @@ def batch(tiny_pair_dir, tmp_path_factory):
         teacher_model=AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]),
     )
     trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_pair_dir, tmp_path_factory):
+    trainer = train_one_step(tiny_pair_dir, tmp_path_factory.mktemp("sampler"), temperature=1.0)
     output = {k: v for k, v in trainer.output.items() if k != "old_per_token_logps"}
     correct = trainer.output["scope_correct"].bool()
     assert correct.any() and (~correct).any(), "the toy reward should give a mixed batch"
@@ -194,33 +208,9 @@ def test_missing_sampler_logprobs_fall_back_to_the_forward_with_a_warning(batch)
 
 
 def one_step(tiny_pair_dir, tmp_path, source, **overrides):
-    args = SCOPEConfig(
-        output_dir=str(tmp_path / source), algorithm="scope", max_completion_length=8, max_steps=1, logging_steps=1,
-        save_strategy="no", seed=0, temperature=0.8, top_k=20, top_p=0.95, dataloader_num_workers=0,
-        student_logprob_source=source, **{**CPU, **overrides},
-    )
-
-    class Recording(SCOPETrainer):
-        forwards = 0
-
-        def _generate_and_score_completions(self, inputs):
-            self.output = super()._generate_and_score_completions(inputs)
-            return self.output
-
-        def _old_per_token_logps(self, output):
-            Recording.forwards += output.get("old_per_token_logps") is None
-            return super()._old_per_token_logps(output)
-
-    trainer = Recording(
-        AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"]),
-        reward_funcs=[lambda prompts, completions, **kw: [float(len(c) % 2 == 0) for c in completions]],
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["Add 12+7.\n", "Add 30+45.\n"], "answer": ["19", "75"]}),
-        processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]),
-        teacher_model=AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]),
-    )
-    trainer.train()
-    return trainer, Recording.forwards
+    trainer = train_one_step(tiny_pair_dir, tmp_path / source, temperature=0.8, top_k=20, top_p=0.95,
+                             student_logprob_source=source, **overrides)
+    return trainer, trainer.forwards
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(teacher_overlap=True), dict(teacher_overlap=True, rollout_chunk_groups=1)],
