@@ -23,7 +23,7 @@ import torch
 
 from .algorithms import dual_path_weights, opd_weights, sequence_mean_logp
 
-__all__ = ["SCOPE_ALGORITHMS", "verdicts", "teacher_rows", "row_statistics", "path_weights", "weight_metrics"]
+__all__ = ["SCOPE_ALGORITHMS", "verdicts", "teacher_rows", "needs_student_logp", "row_statistics", "path_weights", "weight_metrics"]
 
 SCOPE_ALGORITHMS = ("scope", "opd")
 
@@ -45,6 +45,14 @@ def teacher_rows(correct: torch.Tensor, algorithm: str) -> torch.Tensor:
     if algorithm not in SCOPE_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {SCOPE_ALGORITHMS}, got {algorithm!r}")
     return ~correct if algorithm == "scope" else torch.ones_like(correct)
+
+
+def needs_student_logp(algorithm: str, student_weighting: str) -> bool:
+    """Whether the weights read the student's log-probs: SCOPE's student-guided weights (eq. 5), unless uniform.
+
+    OPD and the uniform-student ablation need none, so both engines skip the extra old-log-prob pass for them.
+    """
+    return algorithm == "scope" and student_weighting != "uniform"
 
 
 def row_statistics(

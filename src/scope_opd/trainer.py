@@ -39,7 +39,7 @@ from .algorithms import (
     loss_denominators,
     scope_loss,
 )
-from .batch import path_weights, row_statistics, teacher_rows, verdicts, weight_metrics
+from .batch import needs_student_logp, path_weights, row_statistics, teacher_rows, verdicts, weight_metrics
 from .checkpointing import AtomicCheckpointMixin
 
 ALGORITHMS = ("scope", "opd", "grpo", "kd")
@@ -294,6 +294,11 @@ class SCOPEConfig(GRPOConfig):
                 )
         self._check_student_logprob_source()  # after TRL's __post_init__: it derives steps_per_generation
 
+    @property
+    def needs_student_logp(self) -> bool:
+        """Whether the weights read the student's log-probs (:func:`scope_opd.batch.needs_student_logp`)."""
+        return needs_student_logp(self.algorithm, self.student_weighting)
+
     def _check_student_logprob_source(self):
         """``student_logprob_source``: a known value, and 'sampler' only where the sampler's log-probs mean the same."""
         source = self.student_logprob_source
@@ -305,7 +310,7 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError("student_logprob_source='sampler' needs vLLM or transformers' generate: transformers' "
                              "continuous batching (use_transformers_continuous_batching / use_transformers_paged) "
                              "returns no log-probs of the sampled tokens and cannot be read while it samples")
-        if self.algorithm != "scope" or self.student_weighting == "uniform":
+        if not self.needs_student_logp:
             warnings.warn(f"student_logprob_source='sampler' has no effect with algorithm={self.algorithm!r}, "
                           f"student_weighting={self.student_weighting!r}: only scope's student-guided weights read the "
                           "student's log-probs", stacklevel=3)
@@ -314,32 +319,29 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError(f"student_logprob_source='sampler' gives log-probs at the rollout temperature "
                              f"{self.temperature}, but student_logprob_temperature={self.student_logprob_temperature}: "
                              "use student_logprob_source='forward' or leave student_logprob_temperature unset")
+        if self.use_vllm:
+            # vLLM's processed log-probs are those of the distribution it samples from: after top-k/top-p/min-p
+            # and penalties. The trainer's log-probs (and the paper's weights) are of the tempered model alone.
+            # (With transformers' generate they are read from the model's own logits, before its logits
+            # processors, as the forward computes them: any sampling options are fine.)
+            reshaped = {"top_p": (self.top_p, 1.0), "top_k": (self.top_k, 0), "min_p": (self.min_p, 0.0),
+                        "repetition_penalty": (self.repetition_penalty, 1.0)}
+            reshaped.update({key: (value, None) for key, value in (self.generation_kwargs or {}).items()
+                             if key in SAMPLER_RESHAPING_KWARGS})
+            changed = [f"{key}={value!r}" for key, (value, neutral) in reshaped.items()
+                       if value is not None and value != neutral and not (key == "top_k" and value == -1)]
+            if changed:
+                raise ValueError(f"student_logprob_source='sampler' with {', '.join(changed)}: vLLM's log-probs are "
+                                 "then those of the truncated / penalised sampling distribution, not the student's; "
+                                 "use student_logprob_source='forward'")
         reused = self.num_iterations > 1 or self.gradient_accumulation_steps % (self.steps_per_generation *
                                                                               self.num_iterations) != 0
-        if not self.use_vllm:
-            # Read during transformers' generate: log_softmax(logits / temperature) of the model's own logits,
-            # before generate's logits processors (top-k/top-p/penalties), as the forward computes them.
-            if reused:
-                warnings.warn("student_logprob_source='sampler' saves no forward here: TRL computes the old "
-                              "log-probs anyway for reused rollouts; the student-guided weights still use the "
-                              "log-probs read during generate, as asked", stacklevel=3)
-            return
-        # vLLM's processed log-probs are those of the distribution it samples from: after top-k/top-p/min-p and
-        # penalties. The trainer's log-probs (and the paper's weights) are of the tempered model alone.
-        reshaped = {"top_p": (self.top_p, 1.0), "top_k": (self.top_k, 0), "min_p": (self.min_p, 0.0),
-                    "repetition_penalty": (self.repetition_penalty, 1.0)}
-        reshaped.update({key: (value, None) for key, value in (self.generation_kwargs or {}).items()
-                         if key in SAMPLER_RESHAPING_KWARGS})
-        changed = [f"{key}={value!r}" for key, (value, neutral) in reshaped.items()
-                   if value is not None and value != neutral and not (key == "top_k" and value == -1)]
-        if changed:
-            raise ValueError(f"student_logprob_source='sampler' with {', '.join(changed)}: vLLM's log-probs are then "
-                             "those of the truncated / penalised sampling distribution, not the student's; use "
-                             "student_logprob_source='forward'")
-        if self.vllm_importance_sampling_correction or reused:
-            warnings.warn("student_logprob_source='sampler' saves no forward here: TRL computes the old log-probs "
-                          "anyway (vllm_importance_sampling_correction=True, or reused rollouts); the student-guided "
-                          "weights still use the sampler's log-probs, as asked", stacklevel=3)
+        importance_sampling = self.use_vllm and self.vllm_importance_sampling_correction
+        if reused or importance_sampling:
+            why = "vllm_importance_sampling_correction=True" if importance_sampling else "reused rollouts"
+            warnings.warn(f"student_logprob_source='sampler' saves no forward here: TRL computes the old log-probs "
+                          f"anyway ({why}); the student-guided weights still use the sampler's log-probs, as asked",
+                          stacklevel=3)
 
 
 class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -577,8 +579,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
     def _reads_sampled_logprobs(self) -> bool:
         """Whether this generate call reads the sampled tokens' log-probs itself (transformers' generate path)."""
         args = self.args
-        return (args.student_logprob_source == "sampler" and args.algorithm == "scope"
-                and args.student_weighting != "uniform" and not self.use_vllm
+        return (args.student_logprob_source == "sampler" and args.needs_student_logp and not self.use_vllm
                 and not (self.use_transformers_continuous_batching or args.use_transformers_paged))
 
     def _with_sampled_logprobs(self, generate):
@@ -810,7 +811,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
         # Only student-guided weights need the sampling policy's log-probs before the update; OPD and
         # the uniform-student ablation skip that extra forward unless TRL computed it anyway.
-        needs_student_weights = args.algorithm == "scope" and args.student_weighting != "uniform"
+        needs_student_weights = args.needs_student_logp
         student_logps = self._student_token_logps(output, local_verdict, mode) if needs_student_weights else None
         # The loss's old log-probs: the forward's, never the sampler's (with them the on-policy ratio would be
         # exp(logp - sampler logp) instead of 1).

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from ...algorithms import AGGREGATIONS, MLE_SURROGATES, NORMALIZATIONS, STUDENT_WEIGHTINGS, TEACHER_WEIGHTINGS
-from ...batch import SCOPE_ALGORITHMS
+from ...batch import SCOPE_ALGORITHMS, needs_student_logp
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ScopeOptions:
 
     @property
     def needs_student_logp(self) -> bool:
-        return self.algorithm == "scope" and self.student_weighting != "uniform"
+        return needs_student_logp(self.algorithm, self.student_weighting)
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`scope_opd.algorithms.scope_loss` these options set."""
