@@ -114,7 +114,7 @@ class SampledLogprobCapture:
             fed = [*self._fed, last_ids]
         else:
             fed = self._fed
-        if len(completion_ids) != (steps[0].shape[0] if steps else len(completion_ids)):
+        if steps and len(completion_ids) != steps[0].shape[0]:
             self.failure = f"{len(completion_ids)} completions for a generate call over {steps[0].shape[0]} rows"
             return None
         if any(len(row) > len(steps) for row in completion_ids):
