@@ -456,18 +456,119 @@ def test_ppo_clip_stops_the_gradient_outside_the_trust_region_on_both_paths():
     assert a.item() == pytest.approx(b.item())
 
 
-def test_dual_clip_bounds_negative_advantage_tokens():
-    """rho = e^2 on an OPD token the teacher dislikes (A < 0): plain PPO loss -rho*A = 7.4*|A|; dual clip 3 caps it at 3*|A|."""
+@pytest.mark.parametrize("opd_advantage", ["current", "old"])
+def test_dual_clip_bounds_negative_advantage_tokens(opd_advantage):
+    """rho = e^2 on an OPD token the teacher dislikes (A < 0): plain PPO loss rho*|A|; dual clip 3 caps it at 3*|A|.
+
+    logp - logp_T = 3 (current advantage -3) and old_logp - logp_T = 1 (the authors' advantage -1): both negative,
+    so the bound applies to each, at its own |A|.
+    """
     logp = torch.tensor([[0.0]], requires_grad=True)
     old = torch.tensor([[-2.0]])
-    teacher = torch.tensor([[-1.0]])  # logp - logp_T = 1 -> A = -w_tea * 1 = -1
+    teacher = torch.tensor([[-3.0]])
+    abs_advantage = {"current": 3.0, "old": 1.0}[opd_advantage]
     args = (logp, old, teacher, torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), torch.zeros(1), torch.ones(1))
-    plain, _ = scope_loss(*args, aggregation="sum", clip_epsilon=0.2)
-    dual, _ = scope_loss(*args, aggregation="sum", clip_epsilon=0.2, dual_clip=3.0)
-    assert plain.item() == pytest.approx(math.exp(2.0))
-    assert dual.item() == pytest.approx(3.0)
+    kw = {"aggregation": "sum", "clip_epsilon": 0.2, "opd_advantage": opd_advantage}
+    plain, _ = scope_loss(*args, **kw)
+    dual, metrics = scope_loss(*args, dual_clip=3.0, **kw)
+    assert plain.item() == pytest.approx(math.exp(2.0) * abs_advantage)
+    assert dual.item() == pytest.approx(3.0 * abs_advantage)
+    assert metrics["clip/frac"] == 1.0
     dual.backward()
     assert logp.grad.item() == 0.0
+
+
+def _authors_ppo_loss(logp, old, teacher, mask, correct, w_stu, w_tea, clip=0.2, dual_clip=3.0):
+    """The authors' verl 0.3.1 loss written out token by token (SCOPE_METHOD.md section 9), independent of scope_loss.
+
+    OPD path: advantage A = w_tea * -(old_logp - teacher_logp), fixed per token; verl's compute_policy_loss:
+    pg1 = -A * ratio, pg2 = -A * clip(ratio, 1 - 0.2, 1 + 0.2), l = max(pg1, pg2), and for A < 0
+    min(l, -A * 3); token-mean over ALL response tokens. MLE path: -logp * w_stu, token-mean over the
+    correct rows' tokens. Returns a scalar with autograd through ``logp``.
+    """
+    b, t = logp.shape
+    opd_terms, mle_terms = [], []
+    for i in range(b):
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            if correct[i]:
+                mle_terms.append(-logp[i, j] * float(w_stu[i]))
+                continue
+            advantage = float(w_tea[i]) * -(float(old[i, j]) - float(teacher[i, j]))
+            ratio = torch.exp(logp[i, j] - float(old[i, j]))
+            pg1 = -advantage * ratio
+            pg2 = -advantage * torch.clamp(ratio, 1 - clip, 1 + clip)
+            token = torch.maximum(pg1, pg2)
+            if advantage < 0:
+                token = torch.minimum(token, torch.tensor(-advantage * dual_clip))
+            opd_terms.append(token)
+    n_all = int(mask.sum())
+    n_correct = int((mask & correct[:, None]).sum())
+    opd = torch.stack(opd_terms).sum() / n_all if opd_terms else logp.sum() * 0
+    mle = torch.stack(mle_terms).sum() / n_correct if mle_terms else logp.sum() * 0
+    return mle + opd
+
+
+def test_old_opd_advantage_is_the_authors_ppo_loss_away_from_theta_old():
+    """opd_advantage='old' + the authors' clip settings = the authors' loss, value and gradient, at theta != theta_old.
+
+    Row 0 is correct (MLE path). Row 1's tokens (incorrect): (a) logp and old_logp on opposite sides of the teacher,
+    so the current and the old advantage have opposite signs (the issue's example: the current advantage gives the
+    gradient -0.045, the authors' +0.045); (b) rho = e^1.5 > 3 with A_old < 0: dual-clipped; (c) A_old > 0 with
+    rho > 1.2: PPO-clipped; (d) inside the trust region. Row 2 (incorrect, other weight) adds random tokens.
+    """
+    logp0 = torch.tensor([[-0.3, -0.7, -1.2, -0.2],
+                          [-1.1, -0.5, -1.0, -0.9],
+                          [-0.4, -2.0, -0.8, -1.5]])
+    old = torch.tensor([[-0.5, -0.6, -1.0, -0.9],
+                        [-1.0, -2.0, -1.5, -0.85],
+                        [-0.6, -1.7, -0.9, -1.4]])
+    teacher = torch.tensor([[NAN, NAN, NAN, NAN],
+                            [-1.05, -3.0, -0.5, -1.2],
+                            [-0.2, -2.5, -0.3, -1.0]])
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 3] = False
+    correct = torch.tensor([True, False, False])
+    w_stu, w_tea = torch.tensor([1.3, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.6])
+
+    logp = logp0.clone().requires_grad_(True)
+    loss, metrics = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, aggregation="authors",
+                               clip_epsilon=0.2, dual_clip=3.0, mle_surrogate="logp", opd_advantage="old")
+    loss.backward()
+    ref_logp = logp0.clone().requires_grad_(True)
+    reference = _authors_ppo_loss(ref_logp, old, teacher, mask, correct, w_stu, w_tea)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(logp.grad, ref_logp.grad)
+    # The opposite-sign token: the authors' gradient (times the 11 masked tokens of the denominator) is +0.045.
+    n_all = int(mask.sum())
+    assert logp.grad[1, 0].item() * n_all == pytest.approx(0.05 * math.exp(-0.1), rel=1e-5)
+    assert logp.grad[1, 1].item() == 0.0 and logp.grad[1, 2].item() == 0.0  # dual- and PPO-clipped
+    # Clipped: (b), (c), and row 2's first two tokens (rho = e^0.2 > 1.2 with A > 0; rho = e^-0.3 < 0.8 with A < 0).
+    assert metrics["clip/frac"] == pytest.approx(4 / n_all)
+    # The paper's surrogate (default "current") is another loss here, with the other sign on that token.
+    logp_current = logp0.clone().requires_grad_(True)
+    current, _ = scope_loss(logp_current, old, teacher, mask, correct, w_stu, w_tea, aggregation="authors",
+                            clip_epsilon=0.2, dual_clip=3.0, mle_surrogate="logp")
+    current.backward()
+    assert current.item() != pytest.approx(reference.item(), rel=1e-3)
+    assert logp_current.grad[1, 0].item() * n_all == pytest.approx(-0.05 * math.exp(-0.1), rel=1e-5)
+
+
+def test_opd_advantages_agree_at_theta_old():
+    old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
+    results = {}
+    for advantage in ("current", "old"):
+        logp = old.clone().requires_grad_(True)
+        loss, _ = scope_loss(logp, old, teacher, mask, correct, w_stu, w_tea, clip_epsilon=0.2, dual_clip=3.0,
+                             opd_advantage=advantage)
+        loss.backward()
+        results[advantage] = (loss.item(), logp.grad)
+    assert results["current"][0] == pytest.approx(results["old"][0], rel=1e-6)
+    torch.testing.assert_close(results["current"][1], results["old"][1])
+    with pytest.raises(ValueError, match="opd_advantage"):
+        scope_loss(old.clone(), old, teacher, mask, correct, w_stu, w_tea, opd_advantage="sampler")
 
 
 def test_mle_logp_surrogate_is_the_authors_weighted_nll_at_any_theta():
@@ -493,12 +594,13 @@ def test_token_weights_multiply_each_token_loss():
     torch.testing.assert_close(logp.grad, torch.where(mask, -adv * rho * weights, 0.0))
 
 
-def test_bf16_loss_gradient_close_to_fp32():
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_bf16_loss_gradient_close_to_fp32(aggregation):
     old, teacher, mask, correct, w_stu, w_tea = _loss_batch()
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
         logp = old.to(dtype).clone().requires_grad_(True)
-        loss, _ = scope_loss(logp, old.to(dtype), teacher.to(dtype), mask, correct, w_stu, w_tea)
+        loss, _ = scope_loss(logp, old.to(dtype), teacher.to(dtype), mask, correct, w_stu, w_tea, aggregation=aggregation)
         assert loss.dtype == torch.float32
         loss.backward()
         assert logp.grad.dtype == dtype

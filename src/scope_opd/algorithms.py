@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "AGGREGATIONS",
     "NORMALIZATIONS",
+    "OPD_ADVANTAGES",
     "STUDENT_WEIGHTINGS",
     "TEACHER_WEIGHTINGS",
     "sequence_mean_logp",
@@ -49,6 +50,7 @@ TEACHER_WEIGHTINGS = ("inverse_perplexity", "perplexity", "uniform")
 NORMALIZATIONS = ("mean", "sum")
 AGGREGATIONS = ("authors", "path-token-mean", "token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean")
 MLE_SURROGATES = ("ratio", "logp")
+OPD_ADVANTAGES = ("current", "old")
 
 Normalization = Literal["mean", "sum"]
 Aggregation = Literal["authors", "path-token-mean", "token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean"]
@@ -312,6 +314,7 @@ def scope_loss(
     clip_epsilon_high: float | None = None,
     dual_clip: float | None = None,
     token_weights: torch.Tensor | None = None,
+    opd_advantage: str = "current",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SCOPE surrogate objective (paper eqs. 6-7), to be minimised.
 
@@ -324,12 +327,18 @@ def scope_loss(
     * incorrect rows (OPD path, eq. 6): ``w_tea * rho * sg(logp - teacher_logp)``; the
       detached student-teacher log-ratio acts as a negative per-token advantage
       ``A = -w_tea * sg(logp - teacher_logp)``, so its gradient is ``w_tea * (logp - teacher_logp) * d logp``.
+      That is ``opd_advantage="current"`` (default, the paper's surrogate): the advantage follows the
+      current parameters. ``opd_advantage="old"`` is the authors' code instead: the advantage is fixed
+      per token from the sampling policy, ``A = -w_tea * (old_logp - teacher_logp)``, and the ratio
+      alone moves. Both agree at ``theta_old``; on a later pass over reused rollouts they differ, and
+      on a token where ``logp`` and ``old_logp`` lie on opposite sides of ``teacher_logp`` the
+      gradient has the opposite sign.
 
     Both are the PPO token loss ``-rho * A`` (``A = w_stu`` on the MLE path). Off-policy safety
     (rho far from 1 when a generation batch is reused): ``clip_epsilon`` applies PPO's clip
     ``max(-rho A, -clip(rho, 1 - eps, 1 + eps_high) A)`` to every token that has a ratio, and
     ``dual_clip`` (> 1) bounds negative-advantage tokens' loss by ``-dual_clip * A``; the
-    authors' setting is ``clip_epsilon=0.2, dual_clip=3, mle_surrogate="logp"``. Both off
+    authors' setting is ``clip_epsilon=0.2, dual_clip=3, mle_surrogate="logp", opd_advantage="old"``. Both off
     (default) is the paper's surrogate. ``token_weights`` (``[B, T]``, detached) multiplies
     every token's loss, e.g. TRL's vLLM importance-sampling correction.
 
@@ -353,6 +362,7 @@ def scope_loss(
             of an optimiser step and over processes, so that micro-batch losses add up to the
             loss of the whole batch. Defaults to this batch's own :func:`loss_denominators`.
             Ignored for ``"sum"``.
+        opd_advantage: ``"current"`` (default, paper) or ``"old"`` (authors' code), see above.
 
     Returns:
         ``(loss, metrics)``: a scalar float32 tensor, and a dict of floats for logging:
@@ -376,6 +386,8 @@ def scope_loss(
         raise ValueError(f"clip_epsilon_high needs clip_epsilon and must be > 0, got {clip_epsilon_high!r}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+    if opd_advantage not in OPD_ADVANTAGES:
+        raise ValueError(f"opd_advantage must be one of {OPD_ADVANTAGES}, got {opd_advantage!r}")
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     batch, _ = logp.shape
@@ -421,9 +433,14 @@ def scope_loss(
     rho = torch.exp(log_ratio_old)
     w_stu = student_weights.detach().float()[:, None]
     w_tea = teacher_weights.detach().float()[:, None]
+    # Logged at the current parameters whatever the advantage uses (the sampled-token reverse KL now).
     student_teacher_log_ratio = torch.where(incorrect_tokens, logp32.detach() - teacher32, 0.0)
-    # Per-token advantages: +w_stu on the MLE path, -w_tea * sg(logp - logp_T) on the OPD path.
-    advantage = torch.where(correct[:, None], w_stu.expand_as(rho), -w_tea * student_teacher_log_ratio)
+    advantage_log_ratio = (
+        student_teacher_log_ratio if opd_advantage == "current" else torch.where(incorrect_tokens, old32 - teacher32, 0.0)
+    )
+    # Per-token advantages: +w_stu on the MLE path, -w_tea * (log-ratio to the teacher) on the OPD path,
+    # the student side taken at the current parameters ("current", detached) or the sampling policy ("old").
+    advantage = torch.where(correct[:, None], w_stu.expand_as(rho), -w_tea * advantage_log_ratio)
     token_loss = _clipped_token_loss(rho, advantage, clip_epsilon, clip_epsilon_high, dual_clip)
     clipped = mask & (token_loss.detach() != (-rho * advantage).detach())
     if mle_surrogate == "logp":
