@@ -193,14 +193,47 @@ def test_reusing_rollouts_without_clipping_warns(tmp_path):
         SCOPEConfig(off_policy_clip="clip", **cpu)
 
 
+def _clipped_token_fraction(micro, clip, epsilon=0.2, dual_clip=3.0):
+    """Fraction of the micro-batch's loss tokens whose PPO token loss the clip changes, from the definitions:
+    A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps, or (dual clip) A < 0 and rho > dual_clip. 'authors':
+    the MLE path has no ratio (never clipped) and the OPD advantage is the sampling policy's."""
+    inputs = micro["inputs"]
+    mask = inputs["scope_loss_mask"].bool()
+    correct = inputs["scope_correct"].bool()[:, None]
+    old = inputs["old_per_token_logps"]
+    rho = torch.exp(micro["logps"] - old)
+    student = old if clip == "authors" else micro["logps"]
+    opd_advantage = -inputs["scope_teacher_weights"][:, None] * (student - inputs["teacher_per_token_logps"])
+    advantage = torch.where(correct, inputs["scope_student_weights"][:, None].expand_as(rho), opd_advantage)
+    clipped = ((advantage > 0) & (rho > 1 + epsilon)) | ((advantage < 0) & (rho < 1 - epsilon))
+    if clip == "authors":
+        clipped = (clipped | ((advantage < 0) & (rho > dual_clip))) & ~correct
+    return (clipped & mask).sum().item() / mask.sum().item()
+
+
+def test_opd_advantage_follows_off_policy_clip_unless_set(tmp_path):
+    cpu = dict(report_to=[], use_cpu=True, bf16=False, output_dir=str(tmp_path))
+    assert SCOPEConfig(**cpu).opd_advantage == "current"
+    assert SCOPEConfig(off_policy_clip="ppo", **cpu).opd_advantage == "current"
+    assert SCOPEConfig(off_policy_clip="authors", **cpu).opd_advantage == "old"
+    # Explicit values are honoured (e.g. the authors' clip with the paper's advantage, an ablation).
+    assert SCOPEConfig(off_policy_clip="authors", opd_advantage="current", **cpu).opd_advantage == "current"
+    assert SCOPEConfig(off_policy_clip="ppo", opd_advantage="old", **cpu).opd_advantage == "old"
+    with pytest.raises(ValueError, match="opd_advantage"):
+        SCOPEConfig(opd_advantage="sampler", **cpu)
+
+
 @pytest.mark.parametrize("clip", ["ppo", "authors"])
 def test_second_pass_over_a_generation_batch_is_clipped(tmp_path, tiny_pair_dir, clip):
-    """num_iterations = 2 with a large step: on the second pass rho != 1 and the optimised loss is the clipped one."""
+    """num_iterations = 2 with a large step: on the second pass rho != 1 and the optimised loss is the clipped one;
+    'authors' also takes the OPD advantage from the sampling policy (opd_advantage='old'), which changes the loss."""
     trainer = build(MicroBatchRecorder, tmp_path, tiny_pair_dir, num_iterations=2, max_steps=2, learning_rate=0.3,
                     off_policy_clip=clip)
+    assert trainer.args.opd_advantage == ("old" if clip == "authors" else "current")
     trainer.train()
     first, second = trainer.micro_batches
-    kw = {"clip_epsilon": 0.2, **({"dual_clip": 3.0, "mle_surrogate": "logp"} if clip == "authors" else {"clip_epsilon_high": 0.2})}
+    kw = {"clip_epsilon": 0.2, **({"dual_clip": 3.0, "mle_surrogate": "logp", "opd_advantage": "old"}
+                                  if clip == "authors" else {"clip_epsilon_high": 0.2})}
     for micro in (first, second):
         expected = expected_micro_loss(micro, "authors", num_items=loss_denominators(
             micro["inputs"]["scope_loss_mask"], micro["inputs"]["scope_correct"], "authors"), **kw)
@@ -209,7 +242,13 @@ def test_second_pass_over_a_generation_batch_is_clipped(tmp_path, tiny_pair_dir,
     rho = torch.exp(second["logps"] - second["inputs"]["old_per_token_logps"])[second["inputs"]["scope_loss_mask"].bool()]
     assert (rho - 1).abs().max() > 0.2, "the second pass should be off-policy"
     assert second["loss"].item() != pytest.approx(unclipped.item(), rel=1e-6)
-    assert trainer.state.log_history[-2]["scope/clip/frac"] >= 0.0
+    if clip == "authors":
+        counts = loss_denominators(second["inputs"]["scope_loss_mask"], second["inputs"]["scope_correct"], "authors")
+        paper_advantage = expected_micro_loss(second, "authors", num_items=counts, **{**kw, "opd_advantage": "current"})
+        assert second["loss"].item() != pytest.approx(paper_advantage.item(), rel=1e-4)
+    fraction = _clipped_token_fraction(second, clip)
+    assert fraction > 0, "the fixture should clip some tokens on the second pass"
+    assert trainer.state.log_history[-2]["scope/clip/frac"] == pytest.approx(fraction, abs=1e-6)
 
 
 def test_vllm_importance_sampling_correction_weights_scope_tokens_like_grpo(tmp_path, tiny_pair_dir):

@@ -36,6 +36,7 @@ from .algorithms import (
     NORMALIZATIONS,
     STUDENT_WEIGHTINGS,
     TEACHER_WEIGHTINGS,
+    OPD_ADVANTAGES,
     loss_denominators,
     scope_loss,
 )
@@ -117,10 +118,19 @@ class SCOPEConfig(GRPOConfig):
             "help": "Ratio clipping for scope/opd when rollouts are reused (num_iterations > 1 or steps_per_generation "
             "> gradient_accumulation_steps): 'none' (paper's surrogate, rho unclipped), 'ppo' (TRL's epsilon / "
             "epsilon_high PPO clip on both paths), 'authors' (the authors' code: PPO clip epsilon with dual clip "
-            "`dual_clip` on the OPD path, MLE path -w*logp without ratio)."
+            "`dual_clip` on the OPD path, MLE path -w*logp without ratio, and opd_advantage 'old' unless set)."
         },
     )
     dual_clip: float = field(default=3.0, metadata={"help": "Dual-clip constant (> 1) of off_policy_clip='authors'."})
+    opd_advantage: str | None = field(
+        default=None,
+        metadata={
+            "help": "The OPD path's per-token advantage -w_tea * (student - teacher log-prob), with the student's log-prob "
+            "taken at the 'current' parameters (the paper's surrogate) or fixed from the sampling policy, 'old' (the "
+            "authors' code). They differ only on reused rollouts. None (default): 'old' with off_policy_clip='authors', "
+            "else 'current'. An explicit value is honoured with any off_policy_clip."
+        },
+    )
     student_logprob_temperature: float | None = field(
         default=None,
         metadata={
@@ -227,6 +237,7 @@ class SCOPEConfig(GRPOConfig):
             ("teacher_weighting", self.teacher_weighting, TEACHER_WEIGHTINGS),
             ("loss_aggregation", self.loss_aggregation, AGGREGATIONS),
             ("off_policy_clip", self.off_policy_clip, OFF_POLICY_CLIPS),
+            ("opd_advantage", self.opd_advantage, (None, *OPD_ADVANTAGES)),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -240,6 +251,8 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError("set either teacher_model (in-process) or teacher_server_url, not both")
         if self.teacher_server_url and self.teacher_temperature != 1.0:
             raise ValueError("teacher_temperature != 1 is only supported in-process; server prompt_logprobs are at temperature 1")
+        if self.opd_advantage is None:  # off_policy_clip='authors' is the authors' whole loss, advantage included
+            self.opd_advantage = "old" if self.off_policy_clip == "authors" else "current"
         if not self.dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
         if self.student_logprob_temperature is not None and not (
@@ -934,6 +947,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             aggregation=aggregation,
             num_items=None if aggregation == "sum" else num_items,
             token_weights=token_weights,
+            opd_advantage=args.opd_advantage,
             **clip[args.off_policy_clip],
         )
         if aggregation == "sum":

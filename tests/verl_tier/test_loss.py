@@ -36,7 +36,7 @@ MICRO_BATCHES = [[0, 3, 6, 8, 10], [1, 4, 7, 9], [2, 5]]  # every group split ac
 
 OPTION_SETS = {
     "paper": {},
-    "authors-clipped": {"mle_surrogate": "logp", "clip_epsilon": 0.2, "dual_clip": 3.0},
+    "authors-clipped": {"mle_surrogate": "logp", "clip_epsilon": 0.2, "dual_clip": 3.0, "opd_advantage": "old"},
     "asymmetric-clip": {"clip_epsilon": 0.2, "clip_epsilon_high": 0.28},
 }
 
@@ -149,5 +149,5 @@ def test_options_travel_as_json_with_the_denominators():
     payload = json.loads(loss_options_json(options, [7.0, 9.0]))
     assert payload == {"num_items": [7.0, 9.0], "loss_kwargs": {
         "aggregation": "path-token-mean", "mle_surrogate": "ratio", "clip_epsilon": None,
-        "clip_epsilon_high": None, "dual_clip": 3.0}}
+        "clip_epsilon_high": None, "dual_clip": 3.0, "opd_advantage": "current"}}
     assert set(ROW_FIELDS) == {"scope_correct", "scope_valid", "scope_student_weight", "scope_teacher_weight"}

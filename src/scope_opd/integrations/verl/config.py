@@ -13,7 +13,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from ...algorithms import AGGREGATIONS, MLE_SURROGATES, NORMALIZATIONS, STUDENT_WEIGHTINGS, TEACHER_WEIGHTINGS
+from ...algorithms import (
+    AGGREGATIONS,
+    MLE_SURROGATES,
+    NORMALIZATIONS,
+    OPD_ADVANTAGES,
+    STUDENT_WEIGHTINGS,
+    TEACHER_WEIGHTINGS,
+)
 from ...batch import SCOPE_ALGORITHMS, needs_student_logp
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,9 @@ class ScopeOptions:
     clip_epsilon: float | None = None
     clip_epsilon_high: float | None = None
     dual_clip: float | None = None
+    # The OPD advantage's student log-prob: "current" (paper surrogate) or "old" (authors' code, fixed from
+    # the sampling policy). Spelled out (no preset here): the authors' loss is logp / 0.2 / 3.0 / old.
+    opd_advantage: str = "current"
     # Ask the teacher only about rollouts the verifier marked wrong (SCOPE reads no teacher value on
     # correct ones). Needs the agent loop manager of this plugin and streaming rewards.
     skip_teacher_on_correct: bool = True
@@ -57,6 +67,7 @@ class ScopeOptions:
             ("teacher_weighting", self.teacher_weighting, TEACHER_WEIGHTINGS),
             ("loss_aggregation", self.loss_aggregation, AGGREGATIONS),
             ("mle_surrogate", self.mle_surrogate, MLE_SURROGATES),
+            ("opd_advantage", self.opd_advantage, OPD_ADVANTAGES),
         ):
             if value not in allowed:
                 raise ValueError(f"scope.{name} must be one of {allowed}, got {value!r}")
@@ -86,6 +97,7 @@ class ScopeOptions:
             "clip_epsilon": self.clip_epsilon,
             "clip_epsilon_high": self.clip_epsilon_high,
             "dual_clip": self.dual_clip,
+            "opd_advantage": self.opd_advantage,
         }
 
     def to_json(self) -> str:
