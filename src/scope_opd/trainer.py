@@ -306,6 +306,35 @@ class SCOPEConfig(GRPOConfig):
                     "vllm_importance_sampling_correction=False or leave student_logprob_temperature unset"
                 )
         self._check_student_logprob_source()  # after TRL's __post_init__: it derives steps_per_generation
+        self._check_rollout_chunks()
+
+    def _check_rollout_chunks(self):
+        """``rollout_chunk_groups`` with TRL's vLLM server mode: refused where a chunk could split a prompt group.
+
+        TRL's server path gathers each chunk's prompts from every process and keeps one row in every
+        ``num_generations`` (``all_prompts[::G]``), sending each to the server with ``n = G``. A process
+        whose share of the generation batch is not whole groups has a group straddling it and its
+        neighbour; cut into chunks, that group's rows land in different gathers, and rows are paired with
+        another prompt's completions. Making chunks whole groups across processes needs equal per-process
+        chunk sizes (TRL slices the server's answer by ``process_index * len(prompts)``), which a
+        straddling group rules out, so the setting is refused. One chunk covering the whole share is TRL's
+        own call and is fine.
+        """
+        if self.rollout_chunk_groups < 0:
+            raise ValueError(f"rollout_chunk_groups must be >= 0, got {self.rollout_chunk_groups}")
+        if not (self.rollout_chunk_groups > 0 and self.use_vllm and self.vllm_mode == "server"):
+            return
+        rows_per_process = self.generation_batch_size // self.world_size
+        groups = self.num_generations
+        if rows_per_process % groups != 0 and self.rollout_chunk_groups * groups < rows_per_process:
+            raise ValueError(
+                f"rollout_chunk_groups={self.rollout_chunk_groups} with vllm_mode='server': each process generates "
+                f"{rows_per_process} rows per generation batch (per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x steps_per_generation {self.steps_per_generation}), which is not a "
+                f"multiple of num_generations {groups}, so a prompt group straddles two processes and TRL's server path "
+                "would pair rows of a chunk with another prompt's completions. Make the rows per process a multiple of "
+                f"{groups}, or set rollout_chunk_groups to 0 (or >= {math.ceil(rows_per_process / groups)}: one chunk)"
+            )
 
     @property
     def needs_student_logp(self) -> bool:
