@@ -137,3 +137,32 @@ def test_toy_presets_run_from_the_repository(tmp_path, monkeypatch, algorithm):
     assert (out / "checkpoint-1" / "model.safetensors").is_file()
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["global_step"] == 1
+
+
+def test_null_and_none_on_the_command_line_are_none_for_optional_fields(tmp_path, tiny_pair_dir):
+    """As YAML's null: `--key null` / `--key none` give None for str, int, float and bool optional fields, so a
+    preset's teacher can be switched to a server from the command line; report_to keeps its own 'none'."""
+    from trl import ModelConfig, TrlParser
+
+    from scope_opd.train_cli import TrainScriptArguments, null_means_none
+    from scope_opd.trainer import SCOPEConfig
+
+    config = write_config(tmp_path, tiny_pair_dir, max_train_samples=2, student_logprob_temperature=1.0,
+                          verdict_reward="accuracy")
+    types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
+    parser = TrlParser(types)
+    null_means_none(parser, types)
+    script, training, model = parser.parse_args_and_config([
+        "--config", config, "--teacher_model", "null", "--teacher_server_url", "http://teacher:8000",
+        "--max_train_samples", "None", "--student_logprob_temperature", "NULL", "--verdict_reward", "none",
+        "--tf32", "null", "--report_to", "none", "--use_cpu", "true"])
+    assert training.teacher_model is None and training.teacher_server_url == "http://teacher:8000"
+    assert script.max_train_samples is None and training.student_logprob_temperature is None
+    assert training.verdict_reward is None and training.tf32 is None
+    assert training.report_to == []  # 'none' = no integrations, as documented by transformers
+    # A required (non-optional) string keeps the text: "null" is no special value there.
+    _, training, _ = parser.parse_args_and_config(["--config", config, "--answer_field", "null", "--use_cpu", "true"])
+    assert training.answer_field == "null"
+    # The command line the README documents, end to end through `scope --check`.
+    assert scope_main(["--check", "train", "--config", config, "--teacher_model", "null",
+                       "--teacher_server_url", "http://teacher:8000", "--use_cpu", "true"]) == 0

@@ -22,10 +22,21 @@ SUBCOMMANDS = {
 }
 
 
+CHECK_FLAG = "--check"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="scope", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scope", description=__doc__.splitlines()[0],
+        usage="scope [--check] COMMAND [ARGS ...]",
+        epilog=f"{CHECK_FLAG}: parse and validate COMMAND's arguments (for train: the --config file and every config "
+        "check) and exit without running it, loading a model or reading data.",
+    )
     parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()))
+    check_only = bool(argv) and argv[0] == CHECK_FLAG
+    if check_only:
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -36,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"scope {name}", description=SUBCOMMANDS[name][1])
     if hasattr(module, "run_cli"):
         # Subcommands with their own parser (e.g. `train` uses TRL's TrlParser).
+        if check_only:
+            return int(module.run_cli(rest, prog=f"scope {name}", check_only=True) or 0)
         return int(module.run_cli(rest, prog=f"scope {name}") or 0)
     module.configure_parser(sub)
-    return int(module.main(sub.parse_args(rest)) or 0)
+    args = sub.parse_args(rest)
+    if check_only:
+        print(f"scope {name}: arguments OK")
+        return 0
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":

@@ -126,13 +126,70 @@ def format_prompts(dataset, instruction: str, chat_prompt: bool):
     return dataset.map(fmt, desc="formatting prompts")
 
 
-def run_cli(argv: list[str], prog: str = "scope train") -> int:
+NULL_STRINGS = ("null", "none")
+
+
+def _optional_fields(dataclass_types) -> dict[str, bool]:
+    """``{field name: whether "none" is one of its own values}`` for every field whose type admits None."""
+    import dataclasses
+    import types
+    import typing
+
+    optional = {}
+    for dtype in dataclass_types:
+        hints = typing.get_type_hints(dtype)  # the annotations: HfArgumentParser narrows Field.type in place
+        for f in dataclasses.fields(dtype):
+            hint = hints.get(f.name)
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+                # e.g. TrainingArguments.report_to, whose documented value 'none' means "no integrations"
+                help_text = str(f.metadata.get("help", ""))
+                optional[f.name] = f.default == "none" or "'none'" in help_text or '"none"' in help_text
+    return optional
+
+
+def null_means_none(parser, dataclass_types) -> None:
+    """``--key null`` / ``--key none`` on the command line give None for every optional field, as YAML's null does.
+
+    HfArgumentParser types an ``X | None`` field as ``X``, so "null" arrived as the string "null" (and
+    ``--teacher_model null`` then failed next to ``--teacher_server_url``). A field that documents the
+    string 'none' as one of its values (``report_to``) keeps "none"; "null" is None for it too.
+    """
+    optional = _optional_fields(dataclass_types)
+    for action in parser._actions:
+        if action.dest not in optional or action.nargs in ("+", "*"):
+            continue
+        nulls = ("null",) if optional[action.dest] else NULL_STRINGS
+        convert = action.type
+
+        def typed(value, convert=convert, nulls=nulls):
+            if isinstance(value, str) and value.strip().lower() in nulls:
+                return None
+            return convert(value) if convert is not None else value
+
+        action.type = typed
+        if action.choices is not None and None not in action.choices:
+            action.choices = [*action.choices, None]
+
+
+def run_cli(argv: list[str], prog: str = "scope train", check_only: bool = False) -> int:
+    """Parse ``argv`` (``--config`` file first, the command line over it) and train.
+
+    ``check_only`` (``scope --check train ...``): stop once the arguments and the config have been parsed
+    and validated (every ``SCOPEConfig`` / ``GRPOConfig`` check), without loading models or data.
+    """
     from trl import ModelConfig, TrlParser
 
     from .trainer import SCOPEConfig
 
-    parser = TrlParser((TrainScriptArguments, SCOPEConfig, ModelConfig), prog=prog, description=__doc__)
+    dataclass_types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
+    parser = TrlParser(dataclass_types, prog=prog, description=__doc__)
+    null_means_none(parser, dataclass_types)
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if check_only:
+        print(f"{prog}: arguments OK (algorithm={training_args.algorithm}, model={model_args.model_name_or_path}, "
+              f"teacher={training_args.teacher_model or training_args.teacher_server_url}, "
+              f"output_dir={training_args.output_dir})")
+        return 0
     return train(script_args, training_args, model_args)
 
 
