@@ -52,11 +52,12 @@ def test_skip_rule_is_the_trainers_verdict(reward, options, skipped):
     assert skip_teacher(options, reward) is skipped
 
 
-def test_correct_rollout_gets_nan_placeholders_in_verl_layout(paper_config):
+def test_correct_rollout_gets_placeholders_in_verl_layout(paper_config):
     worker, output = bare_worker(paper_config), Output(1.0)
     asyncio.run(worker._compute_teacher_logprobs(output, [5, 6, 7], [8, 9], validate=False))
     ids, logprobs = output.extra_fields["teacher_ids"], output.extra_fields["teacher_logprobs"]
-    assert ids.shape == logprobs.shape == (5, 1) and torch.isnan(logprobs).all()
+    # +inf: no teacher returns it (failures are NaN / -inf), so the driver can tell a skipped row from a failure
+    assert ids.shape == logprobs.shape == (5, 1) and (logprobs == float("inf")).all()
     # verl pads them like real teacher outputs
     padded_ids, padded_logprobs = _pad_teacher_outputs(ids, logprobs, prompt_width=4, response_width=3,
                                                        prompt_length=3, response_length=2, pad_token_id=0)

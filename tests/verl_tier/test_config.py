@@ -10,7 +10,7 @@ from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 from verl.utils.config import omega_conf_to_dataclass, validate_config
 from verl.workers.config import DistillationConfig
 
-from scope_opd.algorithms import AGGREGATIONS, STUDENT_WEIGHTINGS, TEACHER_WEIGHTINGS
+from scope_opd.algorithms import AGGREGATIONS, OPD_ADVANTAGES, STUDENT_WEIGHTINGS, TEACHER_WEIGHTINGS
 from scope_opd.integrations.verl.config import ScopeOptions, check_verl_config, scope_options
 from scope_opd.integrations.verl.trainer import ScopeTrainer
 
@@ -53,7 +53,7 @@ def test_every_option_is_reachable_from_hydra_overrides():
     overrides = {"tau": 0.5, "weight_normalization": "sum", "student_weighting": "inverse",
                  "teacher_weighting": "uniform", "loss_aggregation": "seq-mean-token-mean", "correct_threshold": 0.5,
                  "algorithm": "opd", "mle_surrogate": "logp", "clip_epsilon": 0.2, "clip_epsilon_high": 0.28,
-                 "dual_clip": 3.0, "skip_teacher_on_correct": False}
+                 "dual_clip": 3.0, "opd_advantage": "old", "skip_teacher_on_correct": False}
     assert set(overrides) == {f.name for f in dataclasses.fields(ScopeOptions)}
     options = scope_options(compose_config([f"scope.{k}={str(v).lower()}" for k, v in overrides.items()]))
     assert options == ScopeOptions(**overrides)
@@ -62,7 +62,7 @@ def test_every_option_is_reachable_from_hydra_overrides():
 @pytest.mark.parametrize(
     "field, choices",
     [("loss_aggregation", AGGREGATIONS), ("student_weighting", STUDENT_WEIGHTINGS),
-     ("teacher_weighting", TEACHER_WEIGHTINGS), ("algorithm", ("scope", "opd"))],
+     ("teacher_weighting", TEACHER_WEIGHTINGS), ("algorithm", ("scope", "opd")), ("opd_advantage", OPD_ADVANTAGES)],
 )
 def test_every_choice_of_the_library_is_accepted(field, choices):
     for choice in choices:

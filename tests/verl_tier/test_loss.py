@@ -74,10 +74,14 @@ def micro_batch(full, index, rows, options_json, dp_size=1):
     return mb, sub_rows
 
 
-def run_case(aggregation, extra, shift, dp_size=1):
-    cfg, actor, distillation = configs()
+def run_case(aggregation, extra, shift, dp_size=1, overrides=(), logp_scale=1.0, clamp_rows_at=None):
+    cfg, actor, distillation = configs(overrides)
     options = dataclasses.replace(scope_options(cfg), loss_aggregation=aggregation, **extra)
     rows = make_rows(SPEC, seed=3)
+    for r in rows:  # logp_scale > 1 reaches log-probs far below -10 (make_rows draws them in [-3, -0.05])
+        r.old_logp, r.teacher_logp = r.old_logp * logp_scale, r.teacher_logp * logp_scale
+        if clamp_rows_at is not None:
+            r.old_logp, r.teacher_logp = r.old_logp.clamp_min(clamp_rows_at), r.teacher_logp.clamp_min(clamp_rows_at)
     _, tags, full = step_batch(rows)
     result = scope_batch(full, torch.zeros(len(rows), dtype=torch.bool), options)
     full.update(result.rows)
@@ -108,6 +112,24 @@ def run_case(aggregation, extra, shift, dp_size=1):
             start = sum(s.prompt_len + s.response_len for s in sub_rows[:j]) + r.prompt_len - 1
             grads[i, : r.response_len] = flat.grad[start : start + r.response_len]
     return total, ref.detach(), grads, ref_logp.grad, metrics
+
+
+def test_verls_log_prob_min_clamp_never_reaches_the_scope_loss():
+    """verl 0.9.1 clamps log-probs at distillation_loss.log_prob_min_clamp (dataclass default -10) only in its
+    top-k losses (fsdp/megatron compute_topk_loss); the sampled-token path that calls the registered 'scope' loss
+    passes the student's and teacher's log-probs through unclamped. Guarded here with the clamp at -10 and
+    log-probs down to -18: value and gradient are scope_loss of the unclamped inputs."""
+    clamp = ["distillation.distillation_loss.log_prob_min_clamp=-10"]
+    assert configs(clamp)[2].distillation_loss.log_prob_min_clamp == -10
+    total, ref, grads, ref_grads, _ = run_case("authors", {}, 0.3, overrides=clamp, logp_scale=6.0)
+    rows = make_rows(SPEC, seed=3)
+    teacher, mask = padded_reference(rows, "teacher_logp")
+    assert (teacher[mask] * 6.0 < -10).sum() > 5, "the case must hold log-probs below the clamp"
+    assert torch.allclose(total, ref, rtol=1e-5, atol=1e-6), (total, ref)
+    assert torch.allclose(grads, ref_grads, rtol=1e-4, atol=1e-7)
+    # The case is sensitive to the clamp: the same batch with its log-probs clamped at -10 has another loss.
+    clamped_total, *_ = run_case("authors", {}, 0.3, logp_scale=6.0, clamp_rows_at=-10.0)
+    assert not torch.allclose(total, clamped_total, rtol=1e-3), (total, clamped_total)
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)

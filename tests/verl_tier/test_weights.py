@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scope_opd.algorithms import dual_path_weights, loss_denominators, sequence_mean_logp
+from scope_opd.integrations.verl.agent_loop import placeholder_teacher_outputs, skip_teacher
 from scope_opd.integrations.verl.config import ScopeOptions
 from scope_opd.integrations.verl.weights import response_teacher_logprobs, scope_batch
 
@@ -71,15 +72,41 @@ def test_padding_rows_and_empty_rows_get_weight_zero_and_no_tokens():
     assert result.num_items == loss_denominators(mask, torch.tensor([r.reward >= 1 for r in rows[:4]]), "authors").tolist()
 
 
+def _skip_teacher_like_the_agent_loop(rows, agent_loop_rewards, options=ScopeOptions()):
+    """Rows whose agent-loop reward says correct get the agent loop's own placeholder teacher log-probs."""
+    for r, reward in zip(rows, agent_loop_rewards):
+        if skip_teacher(options, reward):
+            _, placeholder = placeholder_teacher_outputs(r.teacher_logp.shape[0], pad_token_id=0)
+            r.teacher_logp = placeholder.reshape(r.teacher_logp.shape)
+
+
 def test_skipped_teacher_placeholders_on_correct_rows_are_never_read():
     rows = make_rows(MIXED, seed=5)
-    for r in rows:
-        if r.reward >= 1.0:
-            r.teacher_logp = torch.full_like(r.teacher_logp, float("nan"))  # what the agent loop stores
+    _skip_teacher_like_the_agent_loop(rows, [r.reward for r in rows])
     _, _, data = step_batch(rows)
     result = scope_batch(data, torch.zeros(len(rows), dtype=torch.bool), ScopeOptions())
     assert result.rows["scope_valid"].all()
     assert torch.isfinite(result.rows["scope_teacher_weight"]).all()
+
+
+def test_a_skipped_row_the_driver_calls_incorrect_raises_naming_the_row_and_both_verdicts():
+    """The agent loop's reward said correct (teacher skipped), the driver's rm_scores say incorrect: no silent drop."""
+    rows = make_rows(MIXED, seed=5)
+    agent_loop_rewards = [r.reward for r in rows]
+    agent_loop_rewards[1] = 1.0  # e.g. an overlong penalty applied later turned row 1's 1.0 into 0.0 on the driver
+    _skip_teacher_like_the_agent_loop(rows, agent_loop_rewards)
+    _, _, data = step_batch(rows)
+    with pytest.raises(ValueError) as error:
+        scope_batch(data, torch.zeros(len(rows), dtype=torch.bool), ScopeOptions())
+    message = str(error.value)
+    assert "rows 1 (uid a, rm_scores sum 0)" in message and "rows 0" not in message
+    assert "called these rollouts correct" in message and "calls them incorrect" in message
+    assert "skip_teacher_on_correct=false" in message
+    # A real teacher failure on an incorrect row (NaN / -inf) is still the documented drop, not this error.
+    rows = make_rows(MIXED, seed=5)
+    rows[1].teacher_logp[0] = float("nan")
+    _, _, data = step_batch(rows)
+    assert scope_batch(data, torch.zeros(len(rows), dtype=torch.bool), ScopeOptions()).rows["scope_valid"][1].item() is False
 
 
 def test_nonfinite_teacher_on_an_incorrect_row_drops_that_row_only():

@@ -4,9 +4,11 @@ SCOPE reads teacher log-probs only on incorrect rollouts (the OPD path). verl 0.
 each sample as soon as its rollout ends (``_compute_score``) and then asks the teacher
 (``_compute_teacher_logprobs``); the agent loop manager class is a supported config hook
 (``actor_rollout_ref.rollout.agent.agent_loop_manager_class``). This manager's workers skip the
-teacher request when the reward already says "correct" and store NaN placeholders in its place:
-SCOPE never reads them, and if a verdict ever disagreed with the driver's, the NaN would make the
-weights / loss raise (naming the rows) instead of training on a made-up value.
+teacher request when the reward already says "correct" and store placeholders in its place (log-prob
++inf, :data:`~scope_opd.integrations.verl.config.SKIPPED_TEACHER_LOGPROB`, a value no teacher returns):
+SCOPE never reads them on correct rows, and if the driver's verdict (from ``rm_scores``) calls such a
+row incorrect, :func:`~scope_opd.integrations.verl.weights.scope_batch` raises, naming the row and both
+verdicts, instead of training without it or on a made-up value.
 
 When the reward is not known yet at that point (a colocated reward model, scored later on the
 driver), every rollout is sent to the teacher, as in plain verl.
@@ -19,7 +21,7 @@ import torch
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
 
 from ...batch import verdicts
-from .config import scope_options
+from .config import SKIPPED_TEACHER_LOGPROB, scope_options
 
 __all__ = ["ScopeAgentLoopManager", "ScopeAgentLoopWorker", "skip_teacher"]
 
@@ -32,10 +34,10 @@ def skip_teacher(options, reward_score) -> bool:
 
 
 def placeholder_teacher_outputs(num_tokens: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(teacher_ids, teacher_logprobs)`` of verl's sampled-token layout ``[P + R, 1]``: pad ids, NaN log-probs."""
+    """``(teacher_ids, teacher_logprobs)`` of verl's sampled-token layout ``[P + R, 1]``: pad ids, +inf log-probs."""
     return (
         torch.full((num_tokens, 1), int(pad_token_id), dtype=torch.int32),
-        torch.full((num_tokens, 1), float("nan"), dtype=torch.float32),
+        torch.full((num_tokens, 1), SKIPPED_TEACHER_LOGPROB, dtype=torch.float32),
     )
 
 

@@ -25,13 +25,18 @@ from ...batch import SCOPE_ALGORITHMS, needs_student_logp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScopeOptions", "scope_options", "check_verl_config", "LOSS_OPTIONS_KEY", "TRAINER_NAME", "LOSS_NAME"]
+__all__ = ["ScopeOptions", "scope_options", "check_verl_config", "LOSS_OPTIONS_KEY", "TRAINER_NAME", "LOSS_NAME",
+           "SKIPPED_TEACHER_LOGPROB"]
 
 TRAINER_NAME = "scope"  # trainer.v1.trainer_mode
 LOSS_NAME = "scope"  # distillation.distillation_loss.loss_mode
 # The driver sends the loss options and the step's global denominators to the actor workers under this
 # key of the batch's extra_info (verl turns extra_info into non-tensor entries of every micro-batch).
 LOSS_OPTIONS_KEY = "scope_loss_options"
+# The teacher log-prob the agent loop stores when it skips the teacher on a rollout its reward calls correct:
+# +inf, a value no log-prob takes (a real teacher's failures are NaN or -inf), so the driver can tell a skipped
+# row from a teacher failure and raise when it calls such a row incorrect.
+SKIPPED_TEACHER_LOGPROB = float("inf")
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,9 @@ def check_verl_config(config: Mapping) -> ScopeOptions:
     )
     if _get(config, "distillation.distillation_loss.loss_max_clamp") is not None:
         problems.append("distillation.distillation_loss.loss_max_clamp must be null (clamping would alter the SCOPE loss)")
+    # distillation.distillation_loss.log_prob_min_clamp (verl's dataclass default -10) is left alone: verl 0.9.1
+    # reads it only in its top-k losses, never on the sampled-token path that calls the 'scope' loss
+    # (tests/verl_tier/test_loss.py::test_verls_log_prob_min_clamp_never_reaches_the_scope_loss guards this).
     expect(
         "actor_rollout_ref.actor.loss_agg_mode", "token-sum",
         "the SCOPE loss does its own aggregation (scope.loss_aggregation) with global denominators",

@@ -18,7 +18,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from ...algorithms import loss_denominators
 from ...batch import path_weights, row_statistics, teacher_rows, verdicts, weight_metrics
-from .config import ScopeOptions
+from .config import SKIPPED_TEACHER_LOGPROB, ScopeOptions
 
 __all__ = ["ScopeBatch", "DRIVER_FIELDS", "ROW_FIELDS", "scope_batch", "padded"]
 
@@ -57,6 +57,29 @@ def response_teacher_logprobs(data: TensorDict) -> torch.Tensor:
     return out.squeeze(-1) if out.dim() == 3 else out
 
 
+def _refuse_skipped_teacher_on_incorrect_rows(teacher, response_mask, on_teacher_path, scores, uids, options) -> None:
+    """Raise when a row the agent loop skipped (its reward said correct) is one the driver puts on the teacher path.
+
+    The skipped row has no teacher log-probs; dropping it as a teacher failure would silently lose a rollout
+    the driver says is wrong, and any value in its place would be made up.
+    """
+    skipped = ((teacher == SKIPPED_TEACHER_LOGPROB) & response_mask).any(dim=1)
+    bad = skipped & on_teacher_path
+    if not bad.any():
+        return
+    rows = bad.nonzero().flatten().tolist()
+    shown = ", ".join(f"{i} (uid {uids[i]}, rm_scores sum {scores[i].item():g})" for i in rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    raise ValueError(
+        f"rows {shown}{more}: the agent loop called these rollouts correct (their reward >= scope.correct_threshold "
+        f"{options.correct_threshold}) and skipped the teacher, but the driver's verdict from rm_scores calls them "
+        f"incorrect ({options.algorithm} path needs their teacher log-probs). The reward changed between the agent "
+        "loop and the driver - likely a reward model or reward post-processing (e.g. an overlong penalty) applied "
+        "after the agent loop scored the rollout. Make both see the same reward, or set "
+        "scope.skip_teacher_on_correct=false"
+    )
+
+
 @dataclass
 class ScopeBatch:
     """The result of :func:`scope_batch` for one step batch."""
@@ -91,8 +114,9 @@ def scope_batch(data: TensorDict, padding: torch.Tensor, options: ScopeOptions) 
             f"teacher_logprobs {tuple(teacher.shape)} / old_log_probs "
             f"{None if student is None else tuple(student.shape)} do not match response_mask {tuple(response_mask.shape)}"
         )
-    stats = row_statistics(response_mask, student, teacher, on_teacher_path, padding=padding)
     uids = np.asarray(list(data["uid"]), dtype=object)
+    _refuse_skipped_teacher_on_incorrect_rows(teacher, response_mask, on_teacher_path, scores, uids, options)
+    stats = row_statistics(response_mask, student, teacher, on_teacher_path, padding=padding)
     _, group_ids = np.unique(uids.astype(str), return_inverse=True)
     group_ids = torch.as_tensor(group_ids.reshape(-1), dtype=torch.long)
     path_correct, student_weights, teacher_weights = path_weights(
