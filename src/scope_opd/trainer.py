@@ -164,7 +164,8 @@ class SCOPEConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "Accept different bos/eos ids between student and teacher tokenizers (e.g. a base student "
-            "ending with <|endoftext|> and a chat teacher with <|im_end|>): the teacher scores the student's ids."
+            "ending with <|endoftext|> and a chat teacher with <|im_end|>): the teacher scores the student's ids, except that a "
+            "completion's final stop token is scored as the teacher's own stop token (when the teacher's tokenizer is known)."
         },
     )
     teacher_tokenizer: str | None = field(
@@ -448,6 +449,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if args.algorithm in ("scope", "opd"):
             self._set_student_logprob_temperature()
             self.teacher = self._build_teacher(teacher_model, teacher)
+            if self._teacher_stop_tokens:  # student and teacher stop tokens differ: score the teacher's at the end
+                from .teachers.scorer import StopTokenMappedTeacher
+
+                self.teacher = StopTokenMappedTeacher(self.teacher, self._teacher_stop_tokens)
 
     def _resolve_verdict_reward(self) -> int | None:
         """Index of the reward that decides correct/incorrect (``args.verdict_reward``), for scope and opd.
@@ -523,6 +528,9 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                 self._tokenizer, teacher_tokenizer, student_name, teacher_name,
                 allow_special_token_mismatch=args.teacher_allow_special_token_mismatch,
             )
+            from .teachers.tokenizer_check import stop_token_map
+
+            self._teacher_stop_tokens = stop_token_map(self._tokenizer, teacher_tokenizer)
         else:
             warnings.warn(
                 f"teacher tokenizer not available for {teacher_name!r}: the student/teacher tokenizer check is "
@@ -574,6 +582,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ---- overlap / rollout log-probs: chunked generation with teacher scoring overlapped (teachers/overlap.py)
 
+    _teacher_stop_tokens: dict = {}  # {student eos: teacher eos} when they differ (teachers.tokenizer_check)
     _rollout_rows = None  # the dataset rows of the generation batch being generated (gold answers)
     _teacher_prefetch = None  # TeacherPrefetch of the current generation batch
     _early_rewards = None  # EarlyVerifier of the current batch, for TRL's reward pass to reuse

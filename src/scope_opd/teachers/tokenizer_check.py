@@ -8,8 +8,10 @@ inside the teacher's embedding table. What is checked, and how strictly:
 * bos or eos id differ -> ``ValueError`` unless ``allow_special_token_mismatch=True``,
   then a warning. Same vocabulary with other bos/eos roles is a real pairing
   (Qwen3-1.7B-Base ends with ``<|endoftext|>``, Qwen3-8B with ``<|im_end|>``,
-  paper Table 3), but the teacher then reads the student's stop token as an
-  ordinary token, so it must be a deliberate choice;
+  paper Table 3), but a chat teacher reads the student's stop token as an
+  ordinary token (measured: -12.4 nats for ``<|endoftext|>`` where its own
+  ``<|im_end|>`` gets -0.15), so it must be a deliberate choice, and the trainer
+  then scores the student's stop token as the teacher's (:func:`stop_token_map`);
 * pad id differ -> warning: padding never reaches the teacher (scorers take
   unpadded rows and build their own attention masks);
 * chat template present on one side only, or different -> warning, not an
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["TokenizerMismatchWarning", "check_models_compatible", "check_tokenizers_match"]
+__all__ = ["TokenizerMismatchWarning", "check_models_compatible", "check_tokenizers_match", "stop_token_map"]
 
 _EXAMPLES = 5
 
@@ -128,3 +130,20 @@ def check_models_compatible(
             f"student {student_name!r} can emit token ids up to {student_rows - 1} (vocab_size {student_rows}) but "
             f"teacher {teacher_name!r} has only {teacher_rows} embedding rows, so it cannot score ids >= {teacher_rows}."
         )
+
+
+def stop_token_map(student_tokenizer, teacher_tokenizer) -> dict[int, int]:
+    """``{student eos id: teacher eos id}`` when the two stop tokens differ, else ``{}``.
+
+    A completion that ends with the student's stop token is scored by the teacher with its own stop
+    token in that last position (:class:`~scope_opd.teachers.scorer.StopTokenMappedTeacher`): the
+    question the OPD term asks there is "would the teacher stop here?", which the teacher answers
+    only for its own stop token. Scored as it is, the student's stop token is an ordinary, unlikely
+    token to a chat teacher, and the OPD advantage on the last token of every incorrect rollout
+    would teach the student not to stop.
+    """
+    student_eos = getattr(student_tokenizer, "eos_token_id", None)
+    teacher_eos = getattr(teacher_tokenizer, "eos_token_id", None)
+    if student_eos is None or teacher_eos is None or student_eos == teacher_eos:
+        return {}
+    return {int(student_eos): int(teacher_eos)}
