@@ -292,6 +292,29 @@ def test_opd_with_one_rollout_accepts_any_batch_size_for_training_and_eval(tmp_p
 
 
 @pytest.mark.parametrize("student_temperature", [None, 1.0])
+def test_self_teacher_opd_log_ratio_is_zero_only_at_student_logprob_temperature_one(tmp_path, tiny_pair_dir,
+                                                                                     student_temperature):
+    """OPD with the student as its own teacher, rollouts at temperature 0.6: with the default convention (student
+    log-probs at the rollout temperature, the teacher's at 1) the OPD log-ratio is not zero; with
+    student_logprob_temperature=1 both sides are the same distribution and it is zero."""
+    args = make_args(tmp_path, "opd", teacher_model=tiny_pair_dir["student"], temperature=0.6,
+                     student_logprob_temperature=student_temperature)
+    trainer = MicroBatchRecorder(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                                 train_dataset=dataset(),
+                                 processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+    trainer.train()
+    (micro,) = trainer.micro_batches
+    mask = micro["inputs"]["scope_loss_mask"].bool()
+    log_ratio = (micro["logps"] - micro["inputs"]["teacher_per_token_logps"])[mask]
+    logged = trainer.state.log_history[0]["scope/opd/log_ratio_mean"]
+    assert logged == pytest.approx(log_ratio.mean().item(), abs=1e-5)
+    if student_temperature == 1.0:
+        assert log_ratio.abs().max().item() < 1e-4
+    else:  # (the tiny random model is near uniform, so the gap is small here; 0.13-0.15 nats/token on SmolLM2-135M)
+        assert log_ratio.abs().max().item() > 1e-2 and abs(logged) > 1e-3
+
+
+@pytest.mark.parametrize("student_temperature", [None, 1.0])
 def test_student_logprob_temperature(tmp_path, tiny_pair_dir, student_temperature):
     """Default: the student's log-probs are at the rollout temperature (TRL's tempered logits, as the authors' code
     and verl); student_logprob_temperature=1.0 scores them at temperature 1, like the teacher. Sampling is unchanged."""
