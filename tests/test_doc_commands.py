@@ -1,5 +1,7 @@
 """Every `scope ...` command line in the README and the docs parses and passes the config checks.
 
+(``accelerate launch ... -m scope_opd.cli COMMAND ...`` lines count too: the same entry point.)
+
 A documented command that does not parse (an unknown flag, a value the config refuses, a preset that no
 longer exists) fails here. Each command runs as ``scope --check COMMAND ...``: the real ``scope`` entry point
 parses and validates the arguments (for ``train``: the ``--config`` file and every SCOPEConfig / GRPOConfig
@@ -25,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOC_FILES = sorted([REPO / "README.md", *(REPO / "docs").glob("**/*.md")])
 _COMMAND = re.compile(r"(?:^|&&|;|\|\|)\s*(?:[A-Za-z_][A-Za-z0-9_]*=\S+\s+)*(scope\s+(?:%s)\b.*)$"
                       % "|".join(re.escape(name) for name in SUBCOMMANDS))
+# `accelerate launch ... -m scope_opd.cli train ...` / `python -m scope_opd.cli ...`: the same entry point.
+_MODULE = re.compile(r"\s-m\s+scope_opd\.cli\s+((?:%s)\b.*)$" % "|".join(re.escape(name) for name in SUBCOMMANDS))
 _INLINE = re.compile(r"`(scope\s+(?:%s)\b[^`]*)`" % "|".join(re.escape(name) for name in SUBCOMMANDS))
 # What the docs write for "fill in your own": a preset, a count.
 PLACEHOLDERS = [
@@ -56,8 +60,11 @@ def doc_commands() -> list[tuple[str, str]]:
                     continue
                 pending = ""
                 match = _COMMAND.search(_strip_comment(line.strip()))
+                module = _MODULE.search(_strip_comment(line.strip()))
                 if match:
                     found.setdefault(match.group(1).strip(), where)
+                elif module:
+                    found.setdefault("scope " + module.group(1).strip(), where)
             else:
                 for span in _INLINE.findall(line):
                     if " --" in span and span.strip() not in FRAGMENTS:
