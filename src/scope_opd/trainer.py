@@ -34,9 +34,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from .algorithms import (
     AGGREGATIONS,
     NORMALIZATIONS,
+    OPD_ADVANTAGES,
     STUDENT_WEIGHTINGS,
     TEACHER_WEIGHTINGS,
-    OPD_ADVANTAGES,
     loss_denominators,
     scope_loss,
 )
@@ -497,6 +497,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ teacher set-up
 
+    _teacher_stop_tokens: dict = {}  # {student eos: teacher eos} when they differ (teachers.tokenizer_check)
+
     def _build_teacher(self, teacher_model, teacher):
         if teacher is not None:
             return teacher
@@ -582,7 +584,6 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ---- overlap / rollout log-probs: chunked generation with teacher scoring overlapped (teachers/overlap.py)
 
-    _teacher_stop_tokens: dict = {}  # {student eos: teacher eos} when they differ (teachers.tokenizer_check)
     _rollout_rows = None  # the dataset rows of the generation batch being generated (gold answers)
     _teacher_prefetch = None  # TeacherPrefetch of the current generation batch
     _early_rewards = None  # EarlyVerifier of the current batch, for TRL's reward pass to reuse
