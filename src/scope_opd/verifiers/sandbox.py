@@ -127,6 +127,8 @@ _STDERR_TAIL_CHARS = 2000
 _MIB = 1024 * 1024
 # Record framing (JSON keys, escapes) on top of the output itself.
 _BUDGET_SLACK_BYTES = 64 * 1024
+# pid 1's control pipe carries at most a set-up error or a supervisor record.
+_CONTROL_MAX_BYTES = 64 * 1024
 # How often pid 1 sums the memory of the process tree when there is no cgroup.
 _MEMORY_SAMPLE_S = 0.01
 # The parent's own wall clock in contained runs, after pid 1's (which normally ends the run).
@@ -624,31 +626,43 @@ def _stdin_bytes(test_input: object) -> int:
 
 
 class _Output:
-    """What the parent reads back from a run, within one byte budget for all of it."""
+    """What the parent reads back from a run, within one byte budget for all of it.
+
+    Three pipes: ``results`` (the harness's test records, which the program can
+    also write to), ``stderr``, and ``control``: pid 1's own records (set-up
+    errors, why it ended the run), a pipe the harness child closes before any
+    program code runs, so nothing the program writes is read as one.
+    """
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.results = bytearray()
+        self.control = bytearray()
         self.stderr_tail = b""
         self.total = 0
         self.over_budget = False
 
-    def add(self, is_stderr: bool, chunk: bytes) -> None:
+    def add(self, stream: str, chunk: bytes) -> None:
+        if stream == "control":  # written only by pid 1, a few short records
+            self.control += chunk[: max(0, _CONTROL_MAX_BYTES - len(self.control))]
+            return
         self.total += len(chunk)
         if self.total > self.budget_bytes:
             self.over_budget = True
             return
-        if is_stderr:
+        if stream == "stderr":
             self.stderr_tail = (self.stderr_tail + chunk)[-4 * _STDERR_TAIL_CHARS :]
         else:
             self.results += chunk
 
 
-def _communicate(process: subprocess.Popen, output: _Output, deadline: float) -> bool:
-    """Reads the run's stdout and stderr pipes until both close, or until the process exits and
+def _communicate(process: subprocess.Popen, output: _Output, deadline: float, control_fd: int | None = None) -> bool:
+    """Reads the run's stdout, stderr and control pipes until all close, or until the process exits and
     what it wrote is drained (without a pid namespace, a process that left the group can hold
     the pipes open); False at the deadline or over the budget."""
-    streams = {process.stdout.fileno(): False, process.stderr.fileno(): True}
+    streams = {process.stdout.fileno(): "results", process.stderr.fileno(): "stderr"}
+    if control_fd is not None:
+        streams[control_fd] = "control"
     poller = select.poll()
     for fd in streams:
         os.set_blocking(fd, False)
@@ -677,27 +691,35 @@ def _communicate(process: subprocess.Popen, output: _Output, deadline: float) ->
     return True
 
 
-def _parse_records(raw: bytes) -> tuple[dict[int, dict], dict | None, str | None, int]:
-    """(test index -> record, supervisor record, set-up error, malformed line count).
+def _parse_control(raw: bytes) -> tuple[dict | None, str | None]:
+    """(supervisor record, set-up error) from pid 1's control pipe, which only pid 1 can write to."""
+    supervisor, setup_error = None, None
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            record = json.loads(line)
+            if "setup_error" in record:
+                setup_error = str(record["setup_error"])
+            elif "supervisor" in record:
+                supervisor = {"supervisor": str(record["supervisor"]), "error": str(record["error"])}
+    return supervisor, setup_error
+
+
+def _parse_records(raw: bytes) -> tuple[dict[int, dict], int]:
+    """(test index -> record, malformed line count), from the results pipe.
 
     The last record per test wins: the harness writes a test's record after that
     test's code has run, so it overrides anything the code wrote. A line that is
-    not a valid record (garbage, or JSON nested too deeply to parse) is counted
-    and ignored.
+    not a valid test record (garbage, JSON nested too deeply to parse, or a
+    supervisor or set-up record, which only pid 1 sends, on its own pipe) is
+    counted and ignored.
     """
     records: dict[int, dict] = {}
-    supervisor, setup_error, malformed = None, None, 0
+    malformed = 0
     for line in raw.decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            if "setup_error" in record:
-                setup_error = str(record["setup_error"])
-                continue
-            if "supervisor" in record:
-                supervisor = {"supervisor": str(record["supervisor"]), "error": str(record["error"])}
-                continue
             index = int(record["test"])
             record["status"], record["error"] = str(record["status"]), str(record.get("error", ""))
             if not isinstance(record.get("stdout", ""), str):
@@ -706,7 +728,7 @@ def _parse_records(raw: bytes) -> tuple[dict[int, dict], dict | None, str | None
             malformed += 1
             continue
         records[index] = record
-    return records, supervisor, setup_error, malformed
+    return records, malformed
 
 
 @contextlib.contextmanager
@@ -730,6 +752,7 @@ def _execute(
     fn_name: str | None,
     limits: SandboxLimits,
     stop_at_first_error: bool,
+    typed_values: bool = False,
 ) -> ProgramRun:
     job = {
         "source": source,
@@ -737,6 +760,7 @@ def _execute(
         "fn_name": fn_name,
         "limits": asdict(limits),
         "stop_at_first_error": stop_at_first_error,
+        "typed_values": typed_values,
     }
     budget_bytes = limits.output_budget_mb * _MIB
     with _job_file(json.dumps(job).encode("utf-8", errors="replace")) as job_file, _uid_lease(isolation) as uid:
@@ -772,6 +796,11 @@ def _execute(
         output = _Output(budget_bytes + _BUDGET_SLACK_BYTES)
         process = None
         finished = False
+        control_read = control_write = None
+        if config is not None:
+            control_read, control_write = os.pipe()
+            os.set_inheritable(control_write, True)
+            config["control_fd"] = control_write
         try:
             process = subprocess.Popen(
                 isolation.command(uid, limits.wall_time_s, config),
@@ -782,11 +811,18 @@ def _execute(
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group, killed as a whole
                 close_fds=True,
+                pass_fds=() if control_write is None else (control_write,),
                 **isolation.popen_kwargs(uid),
             )
+            if control_write is not None:
+                os.close(control_write)  # pid 1 holds the only write end now: EOF when it exits
+                control_write = None
             grace = _CONTAINED_GRACE_S if isolation.contained else 0.0
-            finished = _communicate(process, output, time.monotonic() + limits.wall_time_s + grace)
+            finished = _communicate(process, output, time.monotonic() + limits.wall_time_s + grace, control_read)
         finally:
+            for fd in (control_read, control_write):
+                if fd is not None:
+                    os.close(fd)
             if process is not None:
                 # Also after a normal exit: children the program forked may still run.
                 _kill_process_group(process.pid)
@@ -814,7 +850,8 @@ def _execute(
 def _collect(
     output: _Output, limits: SandboxLimits, n_tests: int, stdio: bool, killed_for: str | None, oom_killed: bool
 ) -> ProgramRun:
-    records, supervisor, setup_error, malformed = _parse_records(bytes(output.results))
+    records, malformed = _parse_records(bytes(output.results))
+    supervisor, setup_error = _parse_control(bytes(output.control))
     if setup_error is not None:
         raise SandboxUnavailable(f"the sandbox could not be set up: {setup_error}")
     reasons = {
@@ -857,6 +894,7 @@ def run_program(
     fn_name: str | None = None,
     limits: SandboxLimits = SandboxLimits(),
     stop_at_first_error: bool = False,
+    typed_values: bool = False,
 ) -> ProgramRun:
     """Runs ``source`` once per test input inside the sandbox (one interpreter for all tests).
 
@@ -870,11 +908,16 @@ def run_program(
         limits: see :class:`SandboxLimits`.
         stop_at_first_error: skip the remaining tests after an error or timeout
             (enough when only "all tests pass" matters).
+        typed_values: function-call style only: the arguments are, and the
+            return values come back as, tagged JSON that keeps tuples, sets,
+            dicts with any keys, bytes and complex apart
+            (:mod:`scope_opd.verifiers.trusted_check`); a return value that is
+            not built from exact built-in types is an error.
 
     Raises:
         SandboxUnavailable: no containment possible on this host (see module docstring).
     """
-    return _execute(_isolation(), source, test_inputs, fn_name, limits, stop_at_first_error)
+    return _execute(_isolation(), source, test_inputs, fn_name, limits, stop_at_first_error, typed_values)
 
 
 def run_programs(
