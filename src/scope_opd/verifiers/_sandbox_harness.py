@@ -362,6 +362,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 # pivot_root has no glibc wrapper; without a known number we fall back to chroot.
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 # /dev entries a Python program may need; device numbers come from the host's nodes by bind mount.
@@ -445,17 +446,23 @@ def _build_root(config, uid):
     return ctypes, libc
 
 
-# ---- syscalls the program may not make (seccomp), per architecture: (audit arch, refused with EPERM, clone, unshare)
-# Refused: memfd_create and memfd_secret (memory no process maps, so no resident count sees it), the
-# kernel keyrings (add_key, request_key, keyctl: keys outlive the run and other uids may read them),
-# shmget (SysV shared memory; also capped at 0 by this IPC namespace's sysctls). clone and unshare are
-# refused only with CLONE_NEWUSER: a new user namespace would give the program a full capability set
-# there (mounting a tmpfs no limit counts, among others). clone3 answers ENOSYS, since its flags sit
-# in memory a filter cannot read; the C library then falls back to clone.
+# ---- syscalls the program may not make (seccomp), per architecture:
+# (audit arch, refused with EPERM, mmap, clone, unshare).
+# Refused: memfd_create and memfd_secret (memory no process need map, so no resident count sees
+# it), the kernel keyrings (add_key, request_key, keyctl: keys outlive the run and other uids may
+# read them), shmget (SysV shared memory; also capped at 0 by this IPC namespace's sysctls).
+# mmap is refused only with MAP_SHARED|MAP_ANONYMOUS: such pages stay allocated while any process
+# maps them, but count in the resident memory only of processes that touched them (a child fills
+# them and exits); shared memory on a file lives in the run's size-capped tmpfs instead (Python's
+# multiprocessing puts it in /dev/shm). clone and unshare are refused only with CLONE_NEWUSER: a
+# new user namespace would give the program a full capability set there (mounting a tmpfs no
+# limit counts, among others). clone3 answers ENOSYS, since its flags sit in memory a filter
+# cannot read; the C library then falls back to clone.
 SECCOMP_ARCHES = {
-    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29), 56, 272),
-    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194), 220, 97),
+    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29), 9, 56, 272),
+    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194), 222, 220, 97),
 }
+MAP_SHARED_ANONYMOUS = 0x01 | 0x20
 SYS_CLONE3 = 435
 CLONE_NEWUSER = 0x10000000
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
@@ -467,14 +474,23 @@ def _seccomp_program(machine):
     """The BPF program of the filter, as (code, jump if true, jump if false, k) tuples; None if the arch is unknown."""
     if machine not in SECCOMP_ARCHES:
         return None
-    arch, refused, clone, unshare = SECCOMP_ARCHES[machine]
-    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    arch, refused, mmap, clone, unshare = SECCOMP_ARCHES[machine]
+    # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_ALU|AND|K, BPF_RET|K
+    load, jeq, jge, jset, and_, ret = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06
     program = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, SECCOMP_RET_KILL_PROCESS), (load, 0, 0, 0)]
     if machine == "x86_64":  # x32 system calls (nr | 0x40000000) would bypass the numbers below
         program += [(jge, 0, 1, 0x40000000), (ret, 0, 0, SECCOMP_RET_KILL_PROCESS)]
     for number in refused:
         program += [(jeq, 0, 1, number), (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM)]
     program += [(jeq, 0, 1, SYS_CLONE3), (ret, 0, 0, SECCOMP_RET_ERRNO | ENOSYS)]
+    program += [
+        (jeq, 0, 5, mmap),
+        (load, 0, 0, 40),  # the low 32 bits of the fourth argument: the flags
+        (and_, 0, 0, MAP_SHARED_ANONYMOUS),
+        (jeq, 0, 1, MAP_SHARED_ANONYMOUS),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM),
+        (ret, 0, 0, SECCOMP_RET_ALLOW),
+    ]
     program += [
         (jeq, 1, 0, clone),
         (jeq, 0, 3, unshare),
@@ -514,6 +530,17 @@ def _refuse_sysv_shared_memory():
 
 
 def _drop_to(uid, ctypes, libc):
+    # The bounding and ambient sets too, while still root (CAP_SETPCAP): then every capability
+    # set of the program is empty, and nothing (no exec, no namespace) can give one back.
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as last:
+            last_cap = int(last.read())
+    except (OSError, ValueError):
+        last_cap = 40
+    for capability in range(last_cap + 1):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: unknown
+            raise _SetupError("cannot drop capability %d from the bounding set" % capability)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability
