@@ -704,7 +704,7 @@ def _parse_control(raw: bytes) -> tuple[dict | None, str | None]:
     return supervisor, setup_error
 
 
-def _parse_records(raw: bytes) -> tuple[dict[int, dict], int]:
+def _parse_records(raw: bytes | bytearray) -> tuple[dict[int, dict], int]:
     """(test index -> record, malformed line count), from the results pipe.
 
     The last record per test wins: the harness writes a test's record after that
@@ -715,7 +715,13 @@ def _parse_records(raw: bytes) -> tuple[dict[int, dict], int]:
     """
     records: dict[int, dict] = {}
     malformed = 0
-    for line in raw.decode("utf-8", errors="replace").splitlines():
+    start = 0
+    while start < len(raw):
+        # One line at a time (the harness escapes newlines inside a record): never a second copy of all of it.
+        end = raw.find(b"\n", start)
+        end = len(raw) if end < 0 else end
+        line = raw[start:end].decode("utf-8", errors="replace")
+        start = end + 1
         if not line.strip():
             continue
         try:
@@ -850,7 +856,7 @@ def _execute(
 def _collect(
     output: _Output, limits: SandboxLimits, n_tests: int, stdio: bool, killed_for: str | None, oom_killed: bool
 ) -> ProgramRun:
-    records, malformed = _parse_records(bytes(output.results))
+    records, malformed = _parse_records(output.results)
     supervisor, setup_error = _parse_control(bytes(output.control))
     if setup_error is not None:
         raise SandboxUnavailable(f"the sandbox could not be set up: {setup_error}")
