@@ -1,6 +1,6 @@
 """Runs a trusted ``check(candidate)`` against answers the sandbox already gave; no candidate code here.
 
-Executed by :mod:`scope_opd.verifiers.trusted_check` as ``python -s -c <this
+Executed by :mod:`scope_opd.verifiers.trusted_check` as ``python -s -S -c <this
 source>`` in a fresh interpreter (never imported by the package), with
 ``PYTHONHASHSEED=0`` so that sets iterate the same way on every run. Standard
 library only.

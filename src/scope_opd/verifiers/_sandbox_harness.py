@@ -353,6 +353,10 @@ def _read_job():
 
 def _plain_main():
     """Hosts without namespaces: already under the run's uid, in the parent's work directory."""
+    try:  # best effort here (a weaker fallback anyway); contain mode requires it
+        _forbid_syscalls(*_libc())
+    except (_SetupError, OSError, AttributeError):
+        pass
     run_tests(_read_job())
 
 

@@ -18,26 +18,45 @@ and how each layer degrades elsewhere:
   (``chroot`` where the syscall number is unknown). Nothing of the host's files
   (datasets, the checkout, other runs' work dirs, unix sockets), processes
   (the trainer's command line) or SysV IPC is reachable, and everything the run
-  wrote disappears with its namespace; no clean-up walks it.
+  wrote disappears with its namespace; no clean-up walks it. In the run's own
+  IPC namespace ``kernel.shmmax``, ``shmall`` and ``shmmni`` are 0: no SysV
+  shared memory at all.
+* **System call filter** (seccomp, installed by pid 1 before the harness
+  starts, kept across the uid change and ``exec``; x86_64 and aarch64, other
+  architectures are refused as a set-up error). Refused with ``EPERM``:
+  ``memfd_create``/``memfd_secret`` and ``mmap`` with
+  ``MAP_SHARED|MAP_ANONYMOUS`` (memory whose pages stay allocated while no
+  process's resident count shows them), ``shmget``, the kernel keyrings
+  (``add_key``, ``request_key``, ``keyctl``: keys outlive the run and may be
+  readable by other uids), and ``clone``/``unshare`` with ``CLONE_NEWUSER`` (a
+  user namespace of its own would give the program every capability there,
+  e.g. to mount a tmpfs no limit counts); ``clone3`` answers ``ENOSYS`` so the C
+  library falls back to ``clone``. Shared memory on a file (``/dev/shm``,
+  Python's ``multiprocessing``) stays possible, inside the run's size-capped
+  tmpfs.
 * **Whole-tree limits.** ``RLIMIT_NPROC`` counts every process and thread of the
   run's own uid, so it bounds the tree. Memory: with cgroup v2 mounted at
   ``/sys/fs/cgroup`` with the memory and pids controllers (not the case on the
   development machine: that path is untested here), each run gets
   ``scope-sandbox/run-<uid>`` with ``memory.max`` (memory limit + tmpfs size),
   ``memory.swap.max = 0`` and ``pids.max``, and is killed through
-  ``cgroup.kill``. Without it, pid 1 sums the resident anonymous memory of
-  every process in the namespace every 10 ms and kills the run over
-  ``memory_mb``: a sampled bound (a burst between samples can overshoot, each
-  process still capped by ``RLIMIT_AS``), pages shared by fork counted once per
-  process. tmpfs contents count against the output budget instead.
+  ``cgroup.kill``. Without it, pid 1 sums the resident anonymous and shared
+  memory (``RssAnon + RssShmem``) of every process in the namespace every 10 ms
+  and kills the run over ``memory_mb``: a sampled bound (a burst of six
+  processes overshot by at most 13 MiB in 10 runs on the development machine
+  at load 9, each process still capped by ``RLIMIT_AS``), pages shared by fork
+  counted once per process. The routes to memory no process's resident count
+  shows are closed: SysV segments, memfd and shared anonymous mappings are
+  refused (above), and tmpfs contents count against the output budget.
 * **Unprivileged uid** (root only). The kernel never applies ``RLIMIT_NPROC``
   to uid 0, whatever its capabilities: a fork bomb as root is unbounded. Each
   run leases its own uid (0x70000000 + one of 4096 slots, above systemd's
   container range) by an exclusive ``flock`` on a lease file in a root-only
   directory, so concurrent runs in any thread or worker process never share a
-  uid, and ``RLIMIT_NPROC`` and clean-up are per run. The harness drops to it
-  with ``setresuid``/``setresgid``/no groups (all capabilities cleared) and
-  ``PR_SET_NO_NEW_PRIVS``. Where random uids are not mapped (a user-namespaced
+  uid, and ``RLIMIT_NPROC`` and clean-up are per run. The harness empties the
+  capability bounding and ambient sets, then drops to it with
+  ``setresuid``/``setresgid``/no groups (every capability set empty, and no
+  user namespace to gain new ones in) and ``PR_SET_NO_NEW_PRIVS``. Where random uids are not mapped (a user-namespaced
   container), everyone shares ``nobody`` (65534). If no interpreter can run as
   such a uid, untrusted code is refused (:class:`SandboxUnavailable`), never run
   as root.
@@ -58,7 +77,10 @@ and how each layer degrades elsewhere:
   reaches the sandbox as an unlinked stdin file, the results come back as JSON
   lines; the parent never reads a file the program could have touched. A line
   that does not parse (garbage, or JSON nested too deeply: RecursionError) is
-  ignored and counted in :attr:`ProgramRun.malformed_records`.
+  ignored and counted in :attr:`ProgramRun.malformed_records`. pid 1's own
+  records (a set-up error, why it ended the run) come on a separate pipe that
+  the harness closes before the program starts, so the program cannot forge
+  them.
 
 Fallbacks, weaker and documented as such: where a mount namespace cannot be
 made (Docker's default seccomp), ``unshare --net --pid`` plus ``setpriv``, or no
@@ -72,7 +94,10 @@ root: ``unshare --user --net --pid`` at most, as the current user. With neither
 namespaces nor a fresh uid, a process that leaves the process group survives.
 
 The expected outputs never enter the sandbox; the caller compares outputs
-(:mod:`scope_opd.verifiers.code`).
+(:mod:`scope_opd.verifiers.code`), and HumanEval-style checks run outside it on
+the plain values it returns (:mod:`scope_opd.verifiers.trusted_check`).
+Fallbacks without pid 1 get the seccomp filter only where the harness can
+install it itself (best effort), and none of the IPC namespace's sysctls.
 """
 
 from __future__ import annotations

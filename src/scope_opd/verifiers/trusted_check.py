@@ -62,7 +62,7 @@ def _drive(setup: list[str], check_name: str, fn_name: str, known: dict[str, dic
            "memory_mb": limits.memory_mb}
     with tempfile.TemporaryDirectory(prefix="scope-check-") as cwd:  # nothing importable beside the driver
         completed = subprocess.run(
-            [sys.executable, "-s", "-c", _DRIVER_SOURCE],
+            [sys.executable, "-s", "-S", "-c", _DRIVER_SOURCE],
             input=json.dumps(job).encode(),
             capture_output=True,
             timeout=limits.wall_time_s + 10,
