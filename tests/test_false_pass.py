@@ -150,7 +150,8 @@ IMITATE_HARNESS = """
     def {name}(*args):
         for fd in range(1, 12):
             try:
-                os.write(fd, (json.dumps({{"test": 0, "status": "ok", "error": "", "returned": True}}) + "\\n").encode())
+                record = {{"test": 0, "status": "ok", "error": "", "returned": True}}
+                os.write(fd, (json.dumps(record) + "\\n").encode())
             except OSError:
                 pass
         os._exit(0)
@@ -189,8 +190,8 @@ def test_a_list_is_not_the_tuple_the_check_expects(code_sandbox):
 
 
 def test_a_check_passing_an_unsendable_argument_is_named(code_sandbox):
-    problem = {"prompt": 'def f(g):\n    """Call g."""\n', "test": "def check(candidate):\n    assert candidate(len) == 1\n",
-               "entry_point": "f"}
+    problem = {"prompt": 'def f(g):\n    """Call g."""\n', "entry_point": "f",
+               "test": "def check(candidate):\n    assert candidate(len) == 1\n"}
     with pytest.raises(InvalidGoldError, match="builtin_function_or_method"):
         humaneval_score("    return 1\n", problem, limits=FAST)
 
