@@ -102,14 +102,9 @@ install it itself (best effort), and none of the IPC namespace's sysctls.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import secrets
-import select
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -119,7 +114,39 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
+
+# The sandbox is three files: this one (limits, results, choosing the isolation, one run), the
+# host state and clean-up (_sandbox_host), and the job and results plumbing (_sandbox_io); the
+# program itself runs under _sandbox_harness.py. Names are imported here so that callers and
+# tests keep one place to find them.
+from ._sandbox_host import (  # noqa: F401  (re-exported)
+    _MINIMAL_ENV,
+    _NOBODY_UID,
+    _RANDOM_UID_BASE,
+    SandboxUnavailable,
+    _binds,
+    _cgroup_base,
+    _cgroup_oom_killed,
+    _kill_process_group,
+    _kill_processes_of_uid,
+    _make_cgroup,
+    _remove_cgroup,
+    _remove_files_of_uid,
+    _remove_tree,
+    _state_dir,
+    _uid_lease,
+    _wait_until_uid_has_no_processes,
+)
+from ._sandbox_io import (
+    _STDERR_TAIL_CHARS,
+    _communicate,
+    _job_file,
+    _Output,
+    _parse_control,
+    _parse_records,
+    _stdin_bytes,
+)
 
 __all__ = [
     "ProgramRun",
@@ -132,42 +159,16 @@ __all__ = [
 ]
 
 _HARNESS_SOURCE = Path(__file__).with_name("_sandbox_harness.py").read_text(encoding="utf-8")
-# 0x70000000 upwards: above the 0x00080000-0x6FFFFFFF container range of
-# systemd's UID allocation and far from login users. Each run leases one of
-# _UID_SLOTS uids by flock, so concurrent runs (threads or worker processes)
-# never share one.
-_RANDOM_UID_BASE = 0x70000000
-_UID_SLOTS = 4096
-_NOBODY_UID = 65534
-_MINIMAL_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-    # Numeric libraries otherwise start one thread per core, each counted by RLIMIT_NPROC.
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-_STDERR_TAIL_CHARS = 2000
 _MIB = 1024 * 1024
+
 # Record framing (JSON keys, escapes) on top of the output itself.
 _BUDGET_SLACK_BYTES = 64 * 1024
-# pid 1's control pipe carries at most a set-up error or a supervisor record.
-_CONTROL_MAX_BYTES = 64 * 1024
 # How often pid 1 sums the memory of the process tree when there is no cgroup.
 _MEMORY_SAMPLE_S = 0.01
 # The parent's own wall clock in contained runs, after pid 1's (which normally ends the run).
 _CONTAINED_GRACE_S = 2.0
-# Directories anyone may write to on a host without a mount namespace, cleaned of the run's files afterwards.
-_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-# What the interpreter needs, bound read-only into a contained run (missing ones are skipped).
 # Files and directories a contained run may create (each inode is kernel memory that no size limit counts).
 _TMPFS_INODES = 8192
-_SYSTEM_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/localtime")
-
-
-class SandboxUnavailable(RuntimeError):
-    """This host offers no way to run untrusted code with the required containment."""
 
 
 @dataclass(frozen=True)
@@ -380,401 +381,7 @@ def describe_isolation() -> str:
     return _isolation().describe()
 
 
-# ------------------------------------------------------------------ host state shared by runs
-
-
-_state_lock = threading.Lock()
-_state_dir_cache: Path | None = None
-_retired_uids: set[int] = set()
-
-
-def _state_dir() -> Path:
-    """Root-only directory holding the uid lease files and the contained runs' root mount point.
-
-    /run is RAM and per boot; created once, checked each time (an attacker-made
-    symlink or foreign owner is refused).
-    """
-    global _state_dir_cache
-    with _state_lock:
-        if _state_dir_cache is None:
-            base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
-            path = base / f"scope-sandbox-{os.geteuid()}"
-            path.mkdir(mode=0o700, exist_ok=True)
-            info = os.lstat(path)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-                raise SandboxUnavailable(f"{path} is not a private directory of uid {os.geteuid()}; remove it")
-            (path / "root").mkdir(mode=0o755, exist_ok=True)
-            _state_dir_cache = path
-        return _state_dir_cache
-
-
-@contextlib.contextmanager
-def _uid_lease(isolation: _Isolation) -> Iterator[int | None]:
-    """The uid a run uses, held for the whole run: with random uids, one no other run
-    (thread or process) holds, by an exclusive flock on its lease file."""
-    if isolation.privilege_drop is None:
-        yield None
-        return
-    if not isolation.random_uids:
-        yield _NOBODY_UID
-        return
-    lease_dir = _state_dir() / "uids"
-    lease_dir.mkdir(mode=0o700, exist_ok=True)
-    first = secrets.randbelow(_UID_SLOTS)
-    for step in range(_UID_SLOTS):
-        slot = (first + step) % _UID_SLOTS
-        if _RANDOM_UID_BASE + slot in _retired_uids:
-            continue
-        fd = os.open(lease_dir / str(slot), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            yield _RANDOM_UID_BASE + slot
-        finally:
-            os.close(fd)  # releases the lease
-        return
-    raise SandboxUnavailable(f"all {_UID_SLOTS} sandbox uids are in use")
-
-
-_binds_cache: dict[str, list[str]] = {}
-
-
-def _binds(python: str) -> list[str]:
-    """Host paths a contained run sees read-only: the system's and the interpreter's own prefix."""
-    with _state_lock:
-        if python not in _binds_cache:
-            completed = subprocess.run(
-                [python, "-I", "-S", "-c", "import sys; print(sys.base_prefix); print(sys.base_exec_prefix)"],
-                capture_output=True, text=True, timeout=30, check=True, env=_MINIMAL_ENV,
-            )
-            wanted = [*_SYSTEM_BINDS, *completed.stdout.split(), os.path.dirname(os.path.realpath(python))]
-            binds: list[str] = []
-            for path in wanted:
-                covered = any(path == bound or path.startswith(bound.rstrip("/") + "/") for bound in binds)
-                if path.startswith("/") and path != "/" and os.path.lexists(path) and not covered:
-                    binds.append(path)
-            _binds_cache[python] = binds
-        return _binds_cache[python]
-
-
-# ------------------------------------------------------------------ cgroup v2 (untested on hosts without it)
-
-_cgroup_lock = threading.Lock()
-_cgroup_probed = False
-_cgroup_base_cache: Path | None = None
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _cgroup_base() -> Path | None:
-    """``/sys/fs/cgroup/scope-sandbox`` with the memory and pids controllers, or None where cgroup v2
-    is not mounted there or cannot be delegated to us (then pid 1 samples the tree's memory)."""
-    global _cgroup_probed, _cgroup_base_cache
-    with _cgroup_lock:
-        if not _cgroup_probed:
-            _cgroup_probed = True
-            try:
-                mounts = Path("/proc/self/mounts").read_text().splitlines()
-                if os.geteuid() == 0 and any(line.split()[1:3] == [str(_CGROUP_ROOT), "cgroup2"] for line in mounts):
-                    base = _CGROUP_ROOT / "scope-sandbox"
-                    base.mkdir(exist_ok=True)
-                    for parent in (_CGROUP_ROOT, base):
-                        (parent / "cgroup.subtree_control").write_text("+memory +pids")
-                    if {"memory", "pids"} <= set((base / "cgroup.subtree_control").read_text().split()):
-                        _cgroup_base_cache = base
-            except (OSError, IndexError):
-                _cgroup_base_cache = None
-        return _cgroup_base_cache
-
-
-def _make_cgroup(uid: int, limits: SandboxLimits, tmpfs_bytes: int) -> Path | None:
-    base = _cgroup_base()
-    if base is None:
-        return None
-    path = base / f"run-{uid}"
-    _remove_cgroup(path)  # left by a killed verifier
-    path.mkdir()
-    # tmpfs pages are charged to the cgroup of the writer: the budget goes on top.
-    (path / "memory.max").write_text(str(limits.memory_mb * _MIB + tmpfs_bytes))
-    if (path / "memory.swap.max").exists():
-        (path / "memory.swap.max").write_text("0")
-    (path / "pids.max").write_text(str(limits.max_processes + 2))  # + pid 1 and the harness
-    return path
-
-
-def _cgroup_oom_killed(path: Path) -> bool:
-    try:
-        events = dict(line.split() for line in (path / "memory.events").read_text().splitlines())
-        return int(events.get("oom_kill", 0)) > 0
-    except (OSError, ValueError):
-        return False
-
-
-def _remove_cgroup(path: Path) -> None:
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError):
-        (path / "cgroup.kill").write_text("1")
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:  # EBUSY while its processes die
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 # ------------------------------------------------------------------ one run
-
-
-def _kill_process_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _processes_of_uid(uid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    pids.append(int(entry.name))
-            except OSError:  # exited meanwhile
-                continue
-    return pids
-
-
-def _kill_processes_of_uid(isolation: _Isolation, uid: int) -> None:
-    """SIGKILL every process of ``uid`` (kill(-1) run as that uid), then wait until none is left,
-    so that the uid's next lease starts with RLIMIT_NPROC's count at zero."""
-    subprocess.run(
-        [isolation.python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
-        env=_MINIMAL_ENV,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=30,
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        check=False,
-    )
-    _wait_until_uid_has_no_processes(uid)
-
-
-def _wait_until_uid_has_no_processes(uid: int, timeout_s: float = 10.0) -> None:
-    """Waits for the uid's killed processes to be gone; a uid whose processes outlive
-    that (zombies on a host whose init does not reap) is never leased again."""
-    deadline = time.monotonic() + timeout_s
-    while _processes_of_uid(uid):
-        if time.monotonic() > deadline:
-            with _state_lock:
-                _retired_uids.add(uid)
-            return
-        time.sleep(0.01)
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a directory tree the program made, however deep, without recursion or following symlinks.
-
-    Every subdirectory is first moved up into the top directory, so no directory
-    is ever opened more than one level below it: a tree thousands of levels deep
-    costs neither Python recursion (shutil.rmtree's RecursionError) nor path
-    lengths beyond PATH_MAX. Only for trees whose writers are all dead.
-    """
-    try:
-        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        os.unlink(path)
-        return
-    moved = 0
-    try:
-        pending: list[str | None] = [None]  # None: the top directory itself
-        while pending:
-            name = pending.pop()
-            fd = top if name is None else os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
-            try:
-                with os.scandir(fd) as entries:
-                    children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
-                for child, is_dir in children:
-                    if not is_dir:
-                        os.unlink(child, dir_fd=fd)
-                    elif name is None:
-                        pending.append(child)
-                    else:
-                        while True:
-                            moved += 1
-                            flat = f".scope-remove-{moved}"
-                            try:
-                                os.lstat(flat, dir_fd=top)
-                            except FileNotFoundError:
-                                break
-                        os.rename(child, flat, src_dir_fd=fd, dst_dir_fd=top)
-                        pending.append(flat)
-            finally:
-                if fd != top:
-                    os.close(fd)
-            if name is not None:  # now empty: its files unlinked, its subdirectories moved up
-                os.rmdir(name, dir_fd=top)
-    finally:
-        os.close(top)
-    os.rmdir(path)
-
-
-def _remove_files_of_uid(uid: int) -> None:
-    """Without a mount namespace: delete what the run's uid left in the world-writable directories."""
-    for directory in _WORLD_WRITABLE_DIRS:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    _remove_tree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
-
-
-def _stdin_bytes(test_input: object) -> int:
-    if isinstance(test_input, list):
-        return sum(len(str(line).encode()) + 1 for line in test_input)
-    return len(str(test_input).encode())
-
-
-class _Output:
-    """What the parent reads back from a run, within one byte budget for all of it.
-
-    Three pipes: ``results`` (the harness's test records, which the program can
-    also write to), ``stderr``, and ``control``: pid 1's own records (set-up
-    errors, why it ended the run), a pipe the harness child closes before any
-    program code runs, so nothing the program writes is read as one.
-    """
-
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
-        self.results = bytearray()
-        self.control = bytearray()
-        self.stderr_tail = b""
-        self.total = 0
-        self.over_budget = False
-
-    def add(self, stream: str, chunk: bytes) -> None:
-        if stream == "control":  # written only by pid 1, a few short records
-            self.control += chunk[: max(0, _CONTROL_MAX_BYTES - len(self.control))]
-            return
-        self.total += len(chunk)
-        if self.total > self.budget_bytes:
-            self.over_budget = True
-            return
-        if stream == "stderr":
-            self.stderr_tail = (self.stderr_tail + chunk)[-4 * _STDERR_TAIL_CHARS :]
-        else:
-            self.results += chunk
-
-
-def _communicate(process: subprocess.Popen, output: _Output, deadline: float, control_fd: int | None = None) -> bool:
-    """Reads the run's stdout, stderr and control pipes until all close, or until the process exits and
-    what it wrote is drained (without a pid namespace, a process that left the group can hold
-    the pipes open); False at the deadline or over the budget."""
-    streams = {process.stdout.fileno(): "results", process.stderr.fileno(): "stderr"}
-    if control_fd is not None:
-        streams[control_fd] = "control"
-    poller = select.poll()
-    for fd in streams:
-        os.set_blocking(fd, False)
-        poller.register(fd, select.POLLIN)
-    exited = False
-    while streams:
-        left_s = deadline - time.monotonic()
-        if left_s <= 0:
-            return False
-        ready = poller.poll(max(1, int(min(left_s, 0.05) * 1000)))
-        if not ready and exited:
-            return True  # drained: nothing more since the process exited
-        for fd, _ in ready:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                poller.unregister(fd)
-                del streams[fd]
-                continue
-            output.add(streams[fd], chunk)
-            if output.over_budget:
-                return False
-        exited = exited or process.poll() is not None
-    return True
-
-
-def _parse_control(raw: bytes) -> tuple[dict | None, str | None]:
-    """(supervisor record, set-up error) from pid 1's control pipe, which only pid 1 can write to."""
-    supervisor, setup_error = None, None
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            record = json.loads(line)
-            if "setup_error" in record:
-                setup_error = str(record["setup_error"])
-            elif "supervisor" in record:
-                supervisor = {"supervisor": str(record["supervisor"]), "error": str(record["error"])}
-    return supervisor, setup_error
-
-
-def _parse_records(raw: bytes | bytearray) -> tuple[dict[int, dict], int]:
-    """(test index -> record, malformed line count), from the results pipe.
-
-    The last record per test wins: the harness writes a test's record after that
-    test's code has run, so it overrides anything the code wrote. A line that is
-    not a valid test record (garbage, JSON nested too deeply to parse, or a
-    supervisor or set-up record, which only pid 1 sends, on its own pipe) is
-    counted and ignored.
-    """
-    records: dict[int, dict] = {}
-    malformed = 0
-    start = 0
-    while start < len(raw):
-        # One line at a time (the harness escapes newlines inside a record): never a second copy of all of it.
-        end = raw.find(b"\n", start)
-        end = len(raw) if end < 0 else end
-        line = raw[start:end].decode("utf-8", errors="replace")
-        start = end + 1
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            index = int(record["test"])
-            record["status"], record["error"] = str(record["status"]), str(record.get("error", ""))
-            if not isinstance(record.get("stdout", ""), str):
-                raise TypeError("stdout is not a string")
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            malformed += 1
-            continue
-        records[index] = record
-    return records, malformed
-
-
-@contextlib.contextmanager
-def _job_file(data: bytes) -> Iterator[object]:
-    """An unlinked file holding ``data``, for the run's stdin: the job reaches the sandbox without
-    a path on the host. In memory (memfd) where available, else a temporary file."""
-    if hasattr(os, "memfd_create"):
-        job_file = os.fdopen(os.memfd_create("scope-sandbox-job", os.MFD_CLOEXEC), "w+b")
-    else:
-        job_file = tempfile.TemporaryFile()
-    with job_file:
-        job_file.write(data)
-        job_file.seek(0)
-        yield job_file
-
 
 def _execute(
     isolation: _Isolation,
