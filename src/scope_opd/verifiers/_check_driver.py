@@ -5,21 +5,24 @@ source>`` in a fresh interpreter (never imported by the package), with
 ``PYTHONHASHSEED=0`` so that sets iterate the same way on every run. Standard
 library only.
 
-The job arrives on stdin as JSON: ``{"setup": [source, ...], "check": name,
-"fn_name": name, "known": [[key, outcome], ...], "memory_mb": int}``.
+The job arrives on stdin as one JSON line: ``{"setup": [source, ...],
+"check": name, "fn_name": name, "memory_mb": int}``.
 ``setup`` is trusted source (a problem's prompt helpers, its test) run in one
 namespace, where ``fn_name`` is then bound to a stand-in for the candidate, and
 ``check`` is called with it. Its asserts are rewritten so that a run with a
 pending call goes on past a failed one (:class:`SoftAsserts`). Each call's arguments are
 turned into a key (tagged JSON, see ``to_tagged``); ``known`` maps keys to what
-the real candidate did in the sandbox: ``{"returned": tagged value}`` or
+the real candidate did in the sandbox, sent as JSON lines ``[[key, outcome], ...]``
+between runs: ``{"returned": tagged value}`` or
 ``{"error": text}``. A known call returns that value, rebuilt here from plain
 built-in types, or raises :class:`CandidateError`; an unknown one is recorded
 as pending and returns a :class:`Pending` placeholder so that the check can go
 on and reveal its other calls.
 
-One JSON line goes to stdout: ``{"passed": bool, "error": str, "pending":
-[key, ...], "unsupported": str | None}``. ``passed`` is only ever true for a
+Each run of the check writes one JSON line to stdout: ``{"passed": bool,
+"error": str, "pending": [key, ...], "unsupported": str | None}``; the driver
+then waits for the outcomes of the pending calls and runs the check again,
+until a run has none. ``passed`` is only ever true for a
 run in which no call was pending, so a placeholder never decides a verdict.
 """
 
@@ -153,11 +156,8 @@ def describe(error):
     return ("%s: %s" % (type(error).__name__, error))[:MAX_ERROR_CHARS]
 
 
-def main():
-    job = json.loads(sys.stdin.read())
-    memory = int(job["memory_mb"]) * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    known = dict((key, outcome) for key, outcome in job["known"])
+def run_check(job, trees, known):
+    """One run of the check: {"passed", "error", "pending", "unsupported"}."""
     pending = {}
     calls = [0]
 
@@ -190,8 +190,7 @@ def main():
     namespace = {"__name__": "__check__", ASSERT_FAILED: assert_failed}
     passed, error, unsupported = False, "", None
     try:
-        for index, source in enumerate(job["setup"]):
-            tree = ast.fix_missing_locations(SoftAsserts().visit(ast.parse(source, "setup_%d.py" % index)))
+        for index, tree in enumerate(trees):
             exec(compile(tree, "setup_%d.py" % index, "exec"), namespace)
         # A check may call the function by its own name too (HumanEval/33 does): that is the candidate as well.
         namespace[job["fn_name"]] = candidate
@@ -201,8 +200,26 @@ def main():
         unsupported = str(reason)
     except BaseException as failure:
         error = describe(failure)
-    result = {"passed": passed and not pending, "error": error, "pending": list(pending), "unsupported": unsupported}
-    sys.stdout.write(json.dumps(result) + "\n")
+    return {"passed": passed and not pending, "error": error, "pending": list(pending), "unsupported": unsupported}
+
+
+def main():
+    job = json.loads(sys.stdin.readline())
+    memory = int(job["memory_mb"]) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    trees = [ast.fix_missing_locations(SoftAsserts().visit(ast.parse(source, "setup_%d.py" % index)))
+             for index, source in enumerate(job["setup"])]
+    known = {}
+    while True:
+        result = run_check(job, trees, known)
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+        if not result["pending"] or result["unsupported"] is not None:
+            return
+        line = sys.stdin.readline()  # the sandbox's outcomes of the pending calls: [[key, outcome], ...]
+        if not line:
+            return
+        known.update((key, outcome) for key, outcome in json.loads(line))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ The calls are found in rounds: the driver runs the check, answering the calls
 it knows and recording the others as pending (with a placeholder answer that
 lets the check go on); the sandbox then runs the candidate on all pending
 calls at once; repeat until a round has no pending call, whose outcome is the
-verdict. Most checks take one sandbox run and two driver runs (~0.05 s each).
+verdict. Most checks take one sandbox run and two runs of the check, in one driver process.
 Checks drawing unseeded random inputs get the same ones each round
 (``random.seed(0)``, ``PYTHONHASHSEED=0``).
 
@@ -30,10 +30,14 @@ wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,27 +61,70 @@ class CheckVerdict:
     reason: str = ""
 
 
-def _drive(setup: list[str], check_name: str, fn_name: str, known: dict[str, dict], limits: SandboxLimits) -> dict:
-    job = {"setup": setup, "check": check_name, "fn_name": fn_name, "known": list(known.items()),
-           "memory_mb": limits.memory_mb}
-    with tempfile.TemporaryDirectory(prefix="scope-check-") as cwd:  # nothing importable beside the driver
-        completed = subprocess.run(
+class _Driver:
+    """The trusted interpreter running the check: one per verdict, one JSON line each way per round."""
+
+    def __init__(self, setup: list[str], check_name: str, fn_name: str, limits: SandboxLimits):
+        self._timeout_s = limits.wall_time_s + 10
+        self._cwd = tempfile.TemporaryDirectory(prefix="scope-check-")  # nothing importable beside the driver
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(
             [sys.executable, "-s", "-S", "-c", _DRIVER_SOURCE],
-            input=json.dumps(job).encode(),
-            capture_output=True,
-            timeout=limits.wall_time_s + 10,
-            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            cwd=self._cwd.name,
             env=_DRIVER_ENV,
-            check=False,
         )
-    lines = completed.stdout.decode("utf-8", "replace").strip().splitlines()
-    try:
-        result = json.loads(lines[-1])
-        return {"passed": result["passed"] is True, "error": str(result["error"]),
-                "pending": [str(key) for key in result["pending"]], "unsupported": result["unsupported"]}
-    except (IndexError, ValueError, KeyError, TypeError):
-        stderr = completed.stderr.decode("utf-8", "replace")[-500:]
-        raise RuntimeError(f"the check driver failed (exit code {completed.returncode}): {stderr}") from None
+        job = {"setup": setup, "check": check_name, "fn_name": fn_name, "memory_mb": limits.memory_mb}
+        self._send(job)
+
+    def _send(self, message: object) -> None:
+        try:
+            self._process.stdin.write(json.dumps(message).encode() + b"\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            self._fail()
+
+    def result(self) -> dict:
+        """The next run's result line."""
+        stdout = self._process.stdout.fileno()
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + self._timeout_s
+        while not chunks or not chunks[-1].endswith(b"\n"):
+            left_s = deadline - time.monotonic()
+            if left_s <= 0 or not select.select([stdout], [], [], left_s)[0]:
+                self._fail("timed out")
+            chunk = os.read(stdout, 1 << 20)
+            if not chunk:
+                self._fail()
+            chunks.append(chunk)
+        try:
+            result = json.loads(b"".join(chunks))
+            return {"passed": result["passed"] is True, "error": str(result["error"]),
+                    "pending": [str(key) for key in result["pending"]], "unsupported": result["unsupported"]}
+        except (ValueError, KeyError, TypeError):
+            self._fail("wrote a malformed result")
+
+    def answer(self, outcomes: dict[str, dict]) -> None:
+        self._send(list(outcomes.items()))
+
+    def _fail(self, what: str = "exited") -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._stderr.seek(0)
+        stderr = self._stderr.read()[-500:].decode("utf-8", "replace")
+        raise RuntimeError(f"the check driver {what} (exit code {self._process.returncode}): {stderr}")
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        for stream in (self._process.stdin, self._process.stdout, self._stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+        self._cwd.cleanup()
 
 
 def run_trusted_check(
@@ -92,24 +139,31 @@ def run_trusted_check(
             :data:`MAX_ROUNDS` rounds.
         SandboxUnavailable: this host cannot contain untrusted code.
     """
-    known: dict[str, dict] = {}
-    for _ in range(MAX_ROUNDS):
-        result = _drive(setup, check_name, fn_name, known, limits)
-        if result["unsupported"] is not None:
-            raise InvalidGoldError(f"the check cannot be run against a sandboxed candidate: {result['unsupported']}")
-        if not result["pending"]:
-            return CheckVerdict(result["passed"], "" if result["passed"] else result["error"])
-        pending = result["pending"]
-        run = run_program(
-            program, [json.loads(key) for key in pending], fn_name=fn_name, limits=limits, typed_values=True
-        )
-        if run.compile_error is not None:
-            return CheckVerdict(False, f"the program does not compile: {run.compile_error}")
-        for key, outcome in zip(pending, run.tests):
-            if outcome.status == "ok":
-                known[key] = {"returned": outcome.returned}
-            elif outcome.status == "error":
-                known[key] = {"error": outcome.error}
-            else:  # a timeout, or the run ended before this call: fails whatever the check would do
-                return CheckVerdict(False, f"a call of {fn_name} did not finish: {outcome.error}")
+    driver = _Driver(setup, check_name, fn_name, limits)
+    try:
+        for _ in range(MAX_ROUNDS):
+            result = driver.result()
+            if result["unsupported"] is not None:
+                raise InvalidGoldError(
+                    f"the check cannot be run against a sandboxed candidate: {result['unsupported']}"
+                )
+            if not result["pending"]:
+                return CheckVerdict(result["passed"], "" if result["passed"] else result["error"])
+            pending = result["pending"]
+            run = run_program(
+                program, [json.loads(key) for key in pending], fn_name=fn_name, limits=limits, typed_values=True
+            )
+            if run.compile_error is not None:
+                return CheckVerdict(False, f"the program does not compile: {run.compile_error}")
+            outcomes: dict[str, dict] = {}
+            for key, outcome in zip(pending, run.tests):
+                if outcome.status == "ok":
+                    outcomes[key] = {"returned": outcome.returned}
+                elif outcome.status == "error":
+                    outcomes[key] = {"error": outcome.error}
+                else:  # a timeout, or the run ended before this call: fails whatever the check would do
+                    return CheckVerdict(False, f"a call of {fn_name} did not finish: {outcome.error}")
+            driver.answer(outcomes)
+    finally:
+        driver.close()
     raise InvalidGoldError(f"the check's calls of the candidate did not settle in {MAX_ROUNDS} rounds")
