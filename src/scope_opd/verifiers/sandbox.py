@@ -277,6 +277,7 @@ class _Isolation:
         layers = [f"python={self.python}"]
         if self.contained:
             layers.append("mount+pid+net+ipc+uts namespaces (private read-only root, private tmpfs, private /proc)")
+            layers.append("seccomp (no user namespaces, keyrings, memfd, SysV or shared anonymous memory)")
             cgroup = _cgroup_base()
             layers.append(f"cgroup v2 {cgroup}" if cgroup else "no cgroup v2: tree memory sampled by pid 1")
         else:
