@@ -477,3 +477,42 @@ def test_code_reward_function_scores_a_mixed_batch_without_verifier_timeouts():
         assert scores == [1.0, 0.0, 0.0]
         assert reward.stats["timeouts"] == 0  # the sandbox's own wall time ends the loop first
         assert reward.stats["invalid_gold"] == 1
+
+
+# ---------------------------------------------------------------- the verifier's own memory
+
+_PEAK_OF_SCORING = """
+import resource, sys
+from scope_opd.verifiers import SandboxLimits, code_score
+limits = SandboxLimits(wall_time_s=20, time_per_test_s=15, cpu_time_s=20, max_file_mb=64, output_budget_mb=64)
+assert code_score("print(1)", {"inputs": ["\\n"], "outputs": ["1\\n"]}, limits=limits) == 1.0  # the probe, warm
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+program = "import sys\\nsys.stdout.write('10\\\\n' * (20 * 2 ** 20 // 3))\\n"  # 20 MiB, 7 million short lines
+score = code_score(program, {"inputs": ["\\n"], "outputs": ["10\\n10\\n"]}, limits=limits)
+print(score, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_comparing_millions_of_short_lines_costs_a_few_copies_of_the_output_not_a_list_of_them():
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-c", _PEAK_OF_SCORING], capture_output=True, text=True, timeout=300,
+                               check=False)
+    if "SandboxUnavailable" in completed.stderr:
+        pytest.skip("no code sandbox on this host")
+    score, grown_mib = completed.stdout.split()
+    assert score == "0.0"
+    # Lists of 7 million line objects took ~1 GiB here (1.6 GB for 33 MB); a few copies of 20 MiB now.
+    assert int(grown_mib) < 200, completed.stdout
+
+
+def test_lines_are_split_where_splitlines_splits():
+    from scope_opd.verifiers.code import _lines
+
+    separators = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+    pieces = ["", "a", " b ", "\t"] + separators
+    texts = [a + b + c for a in pieces for b in pieces for c in pieces]
+    for text in texts:
+        assert list(_lines(text)) == text.splitlines(), repr(text)
+    assert stdout_matches("1\r\n2\x85 3  \n\n", "1\n2\n3") and not stdout_matches("1\n2\n3\n4", "1\n2\n3")

@@ -219,7 +219,10 @@ def test_humaneval_scoring_runs_the_problems_check_in_the_sandbox(benchmark_dir,
     assert humaneval_score(continuation, gold) == 1.0
     assert humaneval_score(wrong, gold) == 0.0
     assert humaneval_score("    raise SystemExit(0)\n", gold) == 0.0
-    assert "check(total)" in humaneval_program(continuation, gold)
+    # The sandbox gets the prompt and the model's code, never the check (run outside, on plain values).
+    assert "def check" not in humaneval_program(continuation, gold) and "return sum(xs)" in humaneval_program(
+        continuation, gold
+    )
 
 
 # --- sampling ---------------------------------------------------------------------------------

@@ -22,14 +22,17 @@ The job arrives on stdin as JSON: ``{"source", "inputs", "fn_name", "limits",
 call style). Results go to stdout (a pipe to the parent), one JSON line per
 record: ``{"test": i, "status": "ok"|"error"|"timeout", "error": str,
 "stdout": str | "returned": value}``, ``{"test": -1, ...}`` for a compile error,
-``{"supervisor": "wall_time"|"memory", "error": str}`` when pid 1 stopped the
-run, ``{"setup_error": str}`` when the sandbox could not be built.
+In contain mode pid 1 writes its own records to a separate control pipe
+(``config["control_fd"]``), which the harness child closes before the program
+runs: ``{"supervisor": "wall_time"|"memory", "error": str}`` when pid 1 stopped
+the run, ``{"setup_error": str}`` when the sandbox could not be built.
 
 The program runs in the harness process, so it can tamper with the harness and
-write to the results pipe; that is why the expected outputs never enter the
-sandbox. The parent compares outputs and takes the last record of each test:
-tampering can break the program's own run, or report outputs it could as well
-have printed, but cannot reveal what the right ones are.
+write to the results pipe; that is why the expected outputs (and HumanEval's
+checks) never enter the sandbox. The parent compares outputs and takes the last
+record of each test: tampering can break the program's own run, or report
+outputs it could as well have printed, but cannot reveal what the right ones
+are, nor write a record of pid 1.
 """
 
 import builtins
@@ -187,9 +190,52 @@ def _stdio_test(code, index, seconds, budget):
     return record
 
 
-def _call_test(code, fn_name, args, index, seconds):
+_CONTAINERS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def _to_tagged(value, depth=0):
+    """``value`` as tagged JSON (scope_opd.verifiers.typed_values), built from exact built-in types only.
+
+    Any other object (a subclass of int or str, an object with its own ``__eq__``)
+    raises TypeError: its comparisons would be the program's, not the checker's.
+    """
+    kind = type(value)
+    if value is None or kind is bool or kind is int or kind is float or kind is str:
+        return value
+    if depth > 100:
+        raise ValueError("nested more than 100 deep")
+    if kind in (list, tuple, set, frozenset):
+        return {kind.__name__: [_to_tagged(item, depth + 1) for item in value]}
+    if kind is dict:
+        return {"dict": [[_to_tagged(key, depth + 1), _to_tagged(item, depth + 1)] for key, item in value.items()]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    raise TypeError("a %s.%s is not a plain built-in value" % (kind.__module__, kind.__qualname__))
+
+
+def _from_tagged(value):
+    """The arguments of a call, from tagged JSON (trusted: they come from the job)."""
+    if isinstance(value, dict):
+        ((tag, items),) = value.items()
+        if tag in _CONTAINERS:
+            return _CONTAINERS[tag](_from_tagged(item) for item in items)
+        if tag == "dict":
+            return {_from_tagged(key): _from_tagged(item) for key, item in items}
+        if tag == "bytes":
+            return bytes.fromhex(items)
+        if tag == "complex":
+            return complex(*items)
+        raise ValueError("unknown tag %r" % tag)
+    return value
+
+
+def _call_test(code, fn_name, args, index, seconds, typed=False):
     # Not "__main__": a function-style solution's own `if __name__ == "__main__":` demo must not run.
     namespace = {"__name__": "solution", "__builtins__": builtins}
+    if typed:
+        args = _from_tagged(args)
 
     def call():
         exec(code, namespace)
@@ -204,9 +250,10 @@ def _call_test(code, fn_name, args, index, seconds):
     record = {"test": index, "status": status, "error": error}
     if status == "ok":
         try:
-            record["returned"] = json.loads(json.dumps(returned))
+            record["returned"] = _to_tagged(returned) if typed else json.loads(json.dumps(returned))
         except BaseException as json_error:  # not JSON, too deep (RecursionError), or too large for the memory limit
-            record.update(status="error", error="return value is not JSON: %s" % _describe(json_error))
+            record.update(status="error", error="return value is not %s: %s"
+                          % ("a plain value" if typed else "JSON", _describe(json_error)))
     return record
 
 
@@ -272,12 +319,13 @@ def run_tests(job):
     except BaseException as error:
         _write_all(results_fd, (json.dumps({"test": -1, "status": "error", "error": _describe(error)}) + "\n").encode())
         return
-    job = {"fn_name": job["fn_name"], "stop": job["stop_at_first_error"], "seconds": limits["time_per_test_s"]}
+    job = {"fn_name": job["fn_name"], "stop": job["stop_at_first_error"], "seconds": limits["time_per_test_s"],
+           "typed": bool(job.get("typed_values"))}
     for index, test_input in enumerate(inputs):
         if job["fn_name"] is None:
             record = _stdio_test(code, index, job["seconds"], budget)
         else:
-            record = _call_test(code, job["fn_name"], test_input, index, job["seconds"])
+            record = _call_test(code, job["fn_name"], test_input, index, job["seconds"], job["typed"])
         if os.getpid() != harness_pid:
             os._exit(0)  # a fork made by the program returned into the harness: it has no say
         try:
@@ -305,6 +353,10 @@ def _read_job():
 
 def _plain_main():
     """Hosts without namespaces: already under the run's uid, in the parent's work directory."""
+    try:  # best effort here (a weaker fallback anyway); contain mode requires it
+        _forbid_syscalls(*_libc())
+    except (_SetupError, OSError, AttributeError):
+        pass
     run_tests(_read_job())
 
 
@@ -314,6 +366,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 # pivot_root has no glibc wrapper; without a known number we fall back to chroot.
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 # /dev entries a Python program may need; device numbers come from the host's nodes by bind mount.
@@ -397,7 +450,101 @@ def _build_root(config, uid):
     return ctypes, libc
 
 
+# ---- syscalls the program may not make (seccomp), per architecture:
+# (audit arch, refused with EPERM, mmap, clone, unshare).
+# Refused: memfd_create and memfd_secret (memory no process need map, so no resident count sees
+# it), the kernel keyrings (add_key, request_key, keyctl: keys outlive the run and other uids may
+# read them), shmget (SysV shared memory; also capped at 0 by this IPC namespace's sysctls).
+# mmap is refused only with MAP_SHARED|MAP_ANONYMOUS: such pages stay allocated while any process
+# maps them, but count in the resident memory only of processes that touched them (a child fills
+# them and exits); shared memory on a file lives in the run's size-capped tmpfs instead (Python's
+# multiprocessing puts it in /dev/shm). clone and unshare are refused only with CLONE_NEWUSER: a
+# new user namespace would give the program a full capability set there (mounting a tmpfs no
+# limit counts, among others). clone3 answers ENOSYS, since its flags sit in memory a filter
+# cannot read; the C library then falls back to clone.
+SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29), 9, 56, 272),
+    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194), 222, 220, 97),
+}
+MAP_SHARED_ANONYMOUS = 0x01 | 0x20
+SYS_CLONE3 = 435
+CLONE_NEWUSER = 0x10000000
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+EPERM, ENOSYS = 1, 38
+
+
+def _seccomp_program(machine):
+    """The BPF program of the filter, as (code, jump if true, jump if false, k) tuples; None if the arch is unknown."""
+    if machine not in SECCOMP_ARCHES:
+        return None
+    arch, refused, mmap, clone, unshare = SECCOMP_ARCHES[machine]
+    # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_ALU|AND|K, BPF_RET|K
+    load, jeq, jge, jset, and_, ret = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06
+    program = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, SECCOMP_RET_KILL_PROCESS), (load, 0, 0, 0)]
+    if machine == "x86_64":  # x32 system calls (nr | 0x40000000) would bypass the numbers below
+        program += [(jge, 0, 1, 0x40000000), (ret, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    for number in refused:
+        program += [(jeq, 0, 1, number), (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM)]
+    program += [(jeq, 0, 1, SYS_CLONE3), (ret, 0, 0, SECCOMP_RET_ERRNO | ENOSYS)]
+    program += [
+        (jeq, 0, 5, mmap),
+        (load, 0, 0, 40),  # the low 32 bits of the fourth argument: the flags
+        (and_, 0, 0, MAP_SHARED_ANONYMOUS),
+        (jeq, 0, 1, MAP_SHARED_ANONYMOUS),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM),
+        (ret, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    program += [
+        (jeq, 1, 0, clone),
+        (jeq, 0, 3, unshare),
+        (load, 0, 0, 16),  # the low 32 bits of the first argument: the flags of both
+        (jset, 0, 1, CLONE_NEWUSER),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM),
+        (ret, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    return program
+
+
+def _forbid_syscalls(ctypes, libc):
+    """Installs the seccomp filter on this process and everything it starts (kept across setuid and exec)."""
+    program = _seccomp_program(os.uname().machine)
+    if program is None:
+        raise _SetupError("no seccomp filter for the %s architecture" % os.uname().machine)
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(program))(*[SockFilter(*instruction) for instruction in program])
+    fprog = SockFprog(len(program), filters)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise _SetupError("PR_SET_NO_NEW_PRIVS failed: %s" % os.strerror(ctypes.get_errno()))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise _SetupError("cannot install the seccomp filter: %s" % os.strerror(ctypes.get_errno()))
+
+
+def _refuse_sysv_shared_memory():
+    """This run's IPC namespace allows no SysV shared memory segment (sizes over shmmax = 0 fail)."""
+    for name in ("shmmax", "shmall", "shmmni"):
+        with open("/proc/sys/kernel/" + name, "w") as sysctl:
+            sysctl.write("0")
+
+
 def _drop_to(uid, ctypes, libc):
+    # The bounding and ambient sets too, while still root (CAP_SETPCAP): then every capability
+    # set of the program is empty, and nothing (no exec, no namespace) can give one back.
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as last:
+            last_cap = int(last.read())
+    except (OSError, ValueError):
+        last_cap = 40
+    for capability in range(last_cap + 1):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: unknown
+            raise _SetupError("cannot drop capability %d from the bounding set" % capability)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability
@@ -406,22 +553,28 @@ def _drop_to(uid, ctypes, libc):
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _tree_memory_bytes(page_size):
-    """Resident anonymous memory of every process in this pid namespace but pid 1 (statm: resident - shared).
+def _tree_memory_bytes():
+    """Resident anonymous and shared memory (RssAnon + RssShmem) of every process in this pid
+    namespace but pid 1.
 
-    Pages that fork shares copy-on-write count once per process: an over-estimate, never an under-estimate.
+    RssShmem holds MAP_SHARED anonymous pages and mapped tmpfs pages, which the
+    kernel counts as shared, not anonymous. Pages that fork shares copy-on-write,
+    and shared pages mapped by several processes, count once per process: an
+    over-estimate, never an under-estimate. Memory no process maps is refused
+    elsewhere (memfd_create and SysV shared memory) or bounded by the tmpfs size.
     """
-    total = 0
+    total_kib = 0
     for name in os.listdir("/proc"):
         if not name.isdigit() or name == "1":
             continue
         try:
-            with open("/proc/%s/statm" % name, "rb") as statm:
-                fields = statm.read().split()
-            total += (int(fields[1]) - int(fields[2])) * page_size
+            with open("/proc/%s/status" % name, "rb") as status:
+                for line in status:
+                    if line.startswith(b"RssAnon:") or line.startswith(b"RssShmem:"):
+                        total_kib += int(line.split()[1])
         except (OSError, ValueError, IndexError):  # exited meanwhile
             continue
-    return total
+    return total_kib * 1024
 
 
 def _supervise(child, config, started):
@@ -433,7 +586,6 @@ def _supervise(child, config, started):
 
     deadline = started + config["wall_time_s"]
     memory_limit = None if config.get("cgroup") else config["memory_bytes"]
-    page_size = os.sysconf("SC_PAGE_SIZE")
     poller = None
     try:
         pidfd = os.pidfd_open(child)
@@ -455,7 +607,7 @@ def _supervise(child, config, started):
         if now >= deadline:
             return {"supervisor": "wall_time", "error": "killed after %g s wall time" % config["wall_time_s"]}
         if memory_limit is not None:
-            used = _tree_memory_bytes(page_size)
+            used = _tree_memory_bytes()
             if used > memory_limit:
                 return {"supervisor": "memory", "error": "killed: the process tree used %d MiB, over the %d MiB "
                         "memory limit" % (used // MIB, memory_limit // MIB)}
@@ -469,15 +621,21 @@ def _supervise(child, config, started):
 def _contain_main(config):
     started = time.monotonic()
     uid = int(config["uid"])
-    results_fd = 1
+    # pid 1's own pipe to the parent (set-up errors, why it ended the run); the
+    # harness child closes it before any program code runs, so the program
+    # cannot write records the parent trusts.
+    control_fd = int(config["control_fd"])
     try:
         job = _read_job()
         ctypes, libc = _build_root(config, uid)
+        _refuse_sysv_shared_memory()
+        _forbid_syscalls(ctypes, libc)
     except (_SetupError, OSError, ValueError) as error:
-        _write_all(results_fd, (json.dumps({"setup_error": _describe(error)}) + "\n").encode())
+        _write_all(control_fd, (json.dumps({"setup_error": _describe(error)}) + "\n").encode())
         os._exit(3)
     child = os.fork()
     if child == 0:
+        os.close(control_fd)
         try:
             _drop_to(uid, ctypes, libc)
             os.chdir("/work")
@@ -492,8 +650,7 @@ def _contain_main(config):
     record = _supervise(child, config, started)
     if record is not None:
         os.kill(-1, signal.SIGKILL)  # from pid 1: every other process of the namespace
-        # A leading newline ends any line the killed harness left half-written.
-        _write_all(results_fd, ("\n" + json.dumps(record) + "\n").encode())
+        _write_all(control_fd, (json.dumps(record) + "\n").encode())
     os._exit(0)  # pid 1 exits: the kernel kills what is left and the private mounts go with it
 
 

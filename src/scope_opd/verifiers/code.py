@@ -38,6 +38,7 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Iterator
 
 from .extract import last_python_block
 from .registry import InvalidGoldError
@@ -124,15 +125,49 @@ def _tokens_match(actual: str, expected: str) -> bool:
     return _floats_close(float(actual), float(expected))
 
 
+# A line ends where str.splitlines would end it.
+_LINE = re.compile("([^\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]*)(\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]|\\Z)")
+_TOKEN = re.compile(r"\S+")  # what str.split() returns
+
+
+def _lines(text: str) -> Iterator[str]:
+    """``text.splitlines()``, one line at a time."""
+    position, end = 0, len(text)
+    while position < end:
+        match = _LINE.match(text, position)
+        yield match.group(1)
+        if not match.group(2):
+            return
+        position = match.end()
+
+
+def _same_sequence(actual: Iterator, expected: list, equal) -> bool:
+    """Whether ``actual`` yields exactly ``len(expected)`` items, each ``equal`` to its expected one;
+    stops at the first difference, so a long wrong output costs no more than the expected one."""
+    count = 0
+    for item in actual:
+        if count >= len(expected) or not equal(item, expected[count]):
+            return False
+        count += 1
+    return count == len(expected)
+
+
 def stdout_matches(actual: str, expected: object) -> bool:
-    """Whether a program's stdout matches the expected output (see the module docstring)."""
+    """Whether a program's stdout matches the expected output (see the module docstring).
+
+    The program's output is read line by line and token by token, never split
+    into lists: the memory this takes is one stripped copy of the output plus
+    lists the size of the expected output, however many lines the program
+    printed (the gold is trusted; the output is not).
+    """
     expected_text = _as_text(expected)
-    actual_lines = [line.rstrip() for line in actual.strip().splitlines()]
     expected_lines = [line.rstrip() for line in expected_text.strip().splitlines()]
-    if actual_lines == expected_lines:
+    stripped = actual.strip()
+    if _same_sequence((line.rstrip() for line in _lines(stripped)), expected_lines, str.__eq__):
         return True
-    actual_tokens, expected_tokens = actual.split(), expected_text.split()
-    return len(actual_tokens) == len(expected_tokens) and all(map(_tokens_match, actual_tokens, expected_tokens))
+    del stripped
+    expected_tokens = expected_text.split()
+    return _same_sequence((match.group() for match in _TOKEN.finditer(actual)), expected_tokens, _tokens_match)
 
 
 def _numbers_match(actual: object, expected: int | float) -> bool:

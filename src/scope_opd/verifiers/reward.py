@@ -92,7 +92,13 @@ def _is_missing(gold: object) -> bool:
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."
+    """At most ``_MAX_DETAIL_CHARS`` on one line: newlines, terminal escapes and other
+    non-printable characters escaped, so that text a program wrote (an exception
+    message) cannot forge log lines or run on for megabytes."""
+    escaped = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:_MAX_DETAIL_CHARS])
+    if len(text) > _MAX_DETAIL_CHARS or len(escaped) > _MAX_DETAIL_CHARS:
+        escaped = escaped[: _MAX_DETAIL_CHARS - 3] + "..."
+    return escaped
 
 
 def _verify_one(verifier: Verifier, completion: str, gold: object) -> tuple[str, float | str]:

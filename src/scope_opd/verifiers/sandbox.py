@@ -18,26 +18,45 @@ and how each layer degrades elsewhere:
   (``chroot`` where the syscall number is unknown). Nothing of the host's files
   (datasets, the checkout, other runs' work dirs, unix sockets), processes
   (the trainer's command line) or SysV IPC is reachable, and everything the run
-  wrote disappears with its namespace; no clean-up walks it.
+  wrote disappears with its namespace; no clean-up walks it. In the run's own
+  IPC namespace ``kernel.shmmax``, ``shmall`` and ``shmmni`` are 0: no SysV
+  shared memory at all.
+* **System call filter** (seccomp, installed by pid 1 before the harness
+  starts, kept across the uid change and ``exec``; x86_64 and aarch64, other
+  architectures are refused as a set-up error). Refused with ``EPERM``:
+  ``memfd_create``/``memfd_secret`` and ``mmap`` with
+  ``MAP_SHARED|MAP_ANONYMOUS`` (memory whose pages stay allocated while no
+  process's resident count shows them), ``shmget``, the kernel keyrings
+  (``add_key``, ``request_key``, ``keyctl``: keys outlive the run and may be
+  readable by other uids), and ``clone``/``unshare`` with ``CLONE_NEWUSER`` (a
+  user namespace of its own would give the program every capability there,
+  e.g. to mount a tmpfs no limit counts); ``clone3`` answers ``ENOSYS`` so the C
+  library falls back to ``clone``. Shared memory on a file (``/dev/shm``,
+  Python's ``multiprocessing``) stays possible, inside the run's size-capped
+  tmpfs.
 * **Whole-tree limits.** ``RLIMIT_NPROC`` counts every process and thread of the
   run's own uid, so it bounds the tree. Memory: with cgroup v2 mounted at
   ``/sys/fs/cgroup`` with the memory and pids controllers (not the case on the
   development machine: that path is untested here), each run gets
   ``scope-sandbox/run-<uid>`` with ``memory.max`` (memory limit + tmpfs size),
   ``memory.swap.max = 0`` and ``pids.max``, and is killed through
-  ``cgroup.kill``. Without it, pid 1 sums the resident anonymous memory of
-  every process in the namespace every 10 ms and kills the run over
-  ``memory_mb``: a sampled bound (a burst between samples can overshoot, each
-  process still capped by ``RLIMIT_AS``), pages shared by fork counted once per
-  process. tmpfs contents count against the output budget instead.
+  ``cgroup.kill``. Without it, pid 1 sums the resident anonymous and shared
+  memory (``RssAnon + RssShmem``) of every process in the namespace every 10 ms
+  and kills the run over ``memory_mb``: a sampled bound (a burst of six
+  processes overshot by at most 13 MiB in 10 runs on the development machine
+  at load 9, each process still capped by ``RLIMIT_AS``), pages shared by fork
+  counted once per process. The routes to memory no process's resident count
+  shows are closed: SysV segments, memfd and shared anonymous mappings are
+  refused (above), and tmpfs contents count against the output budget.
 * **Unprivileged uid** (root only). The kernel never applies ``RLIMIT_NPROC``
   to uid 0, whatever its capabilities: a fork bomb as root is unbounded. Each
   run leases its own uid (0x70000000 + one of 4096 slots, above systemd's
   container range) by an exclusive ``flock`` on a lease file in a root-only
   directory, so concurrent runs in any thread or worker process never share a
-  uid, and ``RLIMIT_NPROC`` and clean-up are per run. The harness drops to it
-  with ``setresuid``/``setresgid``/no groups (all capabilities cleared) and
-  ``PR_SET_NO_NEW_PRIVS``. Where random uids are not mapped (a user-namespaced
+  uid, and ``RLIMIT_NPROC`` and clean-up are per run. The harness empties the
+  capability bounding and ambient sets, then drops to it with
+  ``setresuid``/``setresgid``/no groups (every capability set empty, and no
+  user namespace to gain new ones in) and ``PR_SET_NO_NEW_PRIVS``. Where random uids are not mapped (a user-namespaced
   container), everyone shares ``nobody`` (65534). If no interpreter can run as
   such a uid, untrusted code is refused (:class:`SandboxUnavailable`), never run
   as root.
@@ -58,7 +77,10 @@ and how each layer degrades elsewhere:
   reaches the sandbox as an unlinked stdin file, the results come back as JSON
   lines; the parent never reads a file the program could have touched. A line
   that does not parse (garbage, or JSON nested too deeply: RecursionError) is
-  ignored and counted in :attr:`ProgramRun.malformed_records`.
+  ignored and counted in :attr:`ProgramRun.malformed_records`. pid 1's own
+  records (a set-up error, why it ended the run) come on a separate pipe that
+  the harness closes before the program starts, so the program cannot forge
+  them.
 
 Fallbacks, weaker and documented as such: where a mount namespace cannot be
 made (Docker's default seccomp), ``unshare --net --pid`` plus ``setpriv``, or no
@@ -72,19 +94,17 @@ root: ``unshare --user --net --pid`` at most, as the current user. With neither
 namespaces nor a fresh uid, a process that leaves the process group survives.
 
 The expected outputs never enter the sandbox; the caller compares outputs
-(:mod:`scope_opd.verifiers.code`).
+(:mod:`scope_opd.verifiers.code`), and HumanEval-style checks run outside it on
+the plain values it returns (:mod:`scope_opd.verifiers.trusted_check`).
+Fallbacks without pid 1 get the seccomp filter only where the harness can
+install it itself (best effort), and none of the IPC namespace's sysctls.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import secrets
-import select
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -94,7 +114,39 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
+
+# The sandbox is three files: this one (limits, results, choosing the isolation, one run), the
+# host state and clean-up (_sandbox_host), and the job and results plumbing (_sandbox_io); the
+# program itself runs under _sandbox_harness.py. Names are imported here so that callers and
+# tests keep one place to find them.
+from ._sandbox_host import (  # noqa: F401  (re-exported)
+    _MINIMAL_ENV,
+    _NOBODY_UID,
+    _RANDOM_UID_BASE,
+    SandboxUnavailable,
+    _binds,
+    _cgroup_base,
+    _cgroup_oom_killed,
+    _kill_process_group,
+    _kill_processes_of_uid,
+    _make_cgroup,
+    _remove_cgroup,
+    _remove_files_of_uid,
+    _remove_tree,
+    _state_dir,
+    _uid_lease,
+    _wait_until_uid_has_no_processes,
+)
+from ._sandbox_io import (
+    _STDERR_TAIL_CHARS,
+    _communicate,
+    _job_file,
+    _Output,
+    _parse_control,
+    _parse_records,
+    _stdin_bytes,
+)
 
 __all__ = [
     "ProgramRun",
@@ -107,40 +159,16 @@ __all__ = [
 ]
 
 _HARNESS_SOURCE = Path(__file__).with_name("_sandbox_harness.py").read_text(encoding="utf-8")
-# 0x70000000 upwards: above the 0x00080000-0x6FFFFFFF container range of
-# systemd's UID allocation and far from login users. Each run leases one of
-# _UID_SLOTS uids by flock, so concurrent runs (threads or worker processes)
-# never share one.
-_RANDOM_UID_BASE = 0x70000000
-_UID_SLOTS = 4096
-_NOBODY_UID = 65534
-_MINIMAL_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-    # Numeric libraries otherwise start one thread per core, each counted by RLIMIT_NPROC.
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-_STDERR_TAIL_CHARS = 2000
 _MIB = 1024 * 1024
+
 # Record framing (JSON keys, escapes) on top of the output itself.
 _BUDGET_SLACK_BYTES = 64 * 1024
 # How often pid 1 sums the memory of the process tree when there is no cgroup.
 _MEMORY_SAMPLE_S = 0.01
 # The parent's own wall clock in contained runs, after pid 1's (which normally ends the run).
 _CONTAINED_GRACE_S = 2.0
-# Directories anyone may write to on a host without a mount namespace, cleaned of the run's files afterwards.
-_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-# What the interpreter needs, bound read-only into a contained run (missing ones are skipped).
 # Files and directories a contained run may create (each inode is kernel memory that no size limit counts).
 _TMPFS_INODES = 8192
-_SYSTEM_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/localtime")
-
-
-class SandboxUnavailable(RuntimeError):
-    """This host offers no way to run untrusted code with the required containment."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +277,7 @@ class _Isolation:
         layers = [f"python={self.python}"]
         if self.contained:
             layers.append("mount+pid+net+ipc+uts namespaces (private read-only root, private tmpfs, private /proc)")
+            layers.append("seccomp (no user namespaces, keyrings, memfd, SysV or shared anonymous memory)")
             cgroup = _cgroup_base()
             layers.append(f"cgroup v2 {cgroup}" if cgroup else "no cgroup v2: tree memory sampled by pid 1")
         else:
@@ -353,375 +382,7 @@ def describe_isolation() -> str:
     return _isolation().describe()
 
 
-# ------------------------------------------------------------------ host state shared by runs
-
-
-_state_lock = threading.Lock()
-_state_dir_cache: Path | None = None
-_retired_uids: set[int] = set()
-
-
-def _state_dir() -> Path:
-    """Root-only directory holding the uid lease files and the contained runs' root mount point.
-
-    /run is RAM and per boot; created once, checked each time (an attacker-made
-    symlink or foreign owner is refused).
-    """
-    global _state_dir_cache
-    with _state_lock:
-        if _state_dir_cache is None:
-            base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
-            path = base / f"scope-sandbox-{os.geteuid()}"
-            path.mkdir(mode=0o700, exist_ok=True)
-            info = os.lstat(path)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-                raise SandboxUnavailable(f"{path} is not a private directory of uid {os.geteuid()}; remove it")
-            (path / "root").mkdir(mode=0o755, exist_ok=True)
-            _state_dir_cache = path
-        return _state_dir_cache
-
-
-@contextlib.contextmanager
-def _uid_lease(isolation: _Isolation) -> Iterator[int | None]:
-    """The uid a run uses, held for the whole run: with random uids, one no other run
-    (thread or process) holds, by an exclusive flock on its lease file."""
-    if isolation.privilege_drop is None:
-        yield None
-        return
-    if not isolation.random_uids:
-        yield _NOBODY_UID
-        return
-    lease_dir = _state_dir() / "uids"
-    lease_dir.mkdir(mode=0o700, exist_ok=True)
-    first = secrets.randbelow(_UID_SLOTS)
-    for step in range(_UID_SLOTS):
-        slot = (first + step) % _UID_SLOTS
-        if _RANDOM_UID_BASE + slot in _retired_uids:
-            continue
-        fd = os.open(lease_dir / str(slot), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            yield _RANDOM_UID_BASE + slot
-        finally:
-            os.close(fd)  # releases the lease
-        return
-    raise SandboxUnavailable(f"all {_UID_SLOTS} sandbox uids are in use")
-
-
-_binds_cache: dict[str, list[str]] = {}
-
-
-def _binds(python: str) -> list[str]:
-    """Host paths a contained run sees read-only: the system's and the interpreter's own prefix."""
-    with _state_lock:
-        if python not in _binds_cache:
-            completed = subprocess.run(
-                [python, "-I", "-S", "-c", "import sys; print(sys.base_prefix); print(sys.base_exec_prefix)"],
-                capture_output=True, text=True, timeout=30, check=True, env=_MINIMAL_ENV,
-            )
-            wanted = [*_SYSTEM_BINDS, *completed.stdout.split(), os.path.dirname(os.path.realpath(python))]
-            binds: list[str] = []
-            for path in wanted:
-                covered = any(path == bound or path.startswith(bound.rstrip("/") + "/") for bound in binds)
-                if path.startswith("/") and path != "/" and os.path.lexists(path) and not covered:
-                    binds.append(path)
-            _binds_cache[python] = binds
-        return _binds_cache[python]
-
-
-# ------------------------------------------------------------------ cgroup v2 (untested on hosts without it)
-
-_cgroup_lock = threading.Lock()
-_cgroup_probed = False
-_cgroup_base_cache: Path | None = None
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _cgroup_base() -> Path | None:
-    """``/sys/fs/cgroup/scope-sandbox`` with the memory and pids controllers, or None where cgroup v2
-    is not mounted there or cannot be delegated to us (then pid 1 samples the tree's memory)."""
-    global _cgroup_probed, _cgroup_base_cache
-    with _cgroup_lock:
-        if not _cgroup_probed:
-            _cgroup_probed = True
-            try:
-                mounts = Path("/proc/self/mounts").read_text().splitlines()
-                if os.geteuid() == 0 and any(line.split()[1:3] == [str(_CGROUP_ROOT), "cgroup2"] for line in mounts):
-                    base = _CGROUP_ROOT / "scope-sandbox"
-                    base.mkdir(exist_ok=True)
-                    for parent in (_CGROUP_ROOT, base):
-                        (parent / "cgroup.subtree_control").write_text("+memory +pids")
-                    if {"memory", "pids"} <= set((base / "cgroup.subtree_control").read_text().split()):
-                        _cgroup_base_cache = base
-            except (OSError, IndexError):
-                _cgroup_base_cache = None
-        return _cgroup_base_cache
-
-
-def _make_cgroup(uid: int, limits: SandboxLimits, tmpfs_bytes: int) -> Path | None:
-    base = _cgroup_base()
-    if base is None:
-        return None
-    path = base / f"run-{uid}"
-    _remove_cgroup(path)  # left by a killed verifier
-    path.mkdir()
-    # tmpfs pages are charged to the cgroup of the writer: the budget goes on top.
-    (path / "memory.max").write_text(str(limits.memory_mb * _MIB + tmpfs_bytes))
-    if (path / "memory.swap.max").exists():
-        (path / "memory.swap.max").write_text("0")
-    (path / "pids.max").write_text(str(limits.max_processes + 2))  # + pid 1 and the harness
-    return path
-
-
-def _cgroup_oom_killed(path: Path) -> bool:
-    try:
-        events = dict(line.split() for line in (path / "memory.events").read_text().splitlines())
-        return int(events.get("oom_kill", 0)) > 0
-    except (OSError, ValueError):
-        return False
-
-
-def _remove_cgroup(path: Path) -> None:
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError):
-        (path / "cgroup.kill").write_text("1")
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:  # EBUSY while its processes die
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 # ------------------------------------------------------------------ one run
-
-
-def _kill_process_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _processes_of_uid(uid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    pids.append(int(entry.name))
-            except OSError:  # exited meanwhile
-                continue
-    return pids
-
-
-def _kill_processes_of_uid(isolation: _Isolation, uid: int) -> None:
-    """SIGKILL every process of ``uid`` (kill(-1) run as that uid), then wait until none is left,
-    so that the uid's next lease starts with RLIMIT_NPROC's count at zero."""
-    subprocess.run(
-        [isolation.python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
-        env=_MINIMAL_ENV,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=30,
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        check=False,
-    )
-    _wait_until_uid_has_no_processes(uid)
-
-
-def _wait_until_uid_has_no_processes(uid: int, timeout_s: float = 10.0) -> None:
-    """Waits for the uid's killed processes to be gone; a uid whose processes outlive
-    that (zombies on a host whose init does not reap) is never leased again."""
-    deadline = time.monotonic() + timeout_s
-    while _processes_of_uid(uid):
-        if time.monotonic() > deadline:
-            with _state_lock:
-                _retired_uids.add(uid)
-            return
-        time.sleep(0.01)
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a directory tree the program made, however deep, without recursion or following symlinks.
-
-    Every subdirectory is first moved up into the top directory, so no directory
-    is ever opened more than one level below it: a tree thousands of levels deep
-    costs neither Python recursion (shutil.rmtree's RecursionError) nor path
-    lengths beyond PATH_MAX. Only for trees whose writers are all dead.
-    """
-    try:
-        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        os.unlink(path)
-        return
-    moved = 0
-    try:
-        pending: list[str | None] = [None]  # None: the top directory itself
-        while pending:
-            name = pending.pop()
-            fd = top if name is None else os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
-            try:
-                with os.scandir(fd) as entries:
-                    children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
-                for child, is_dir in children:
-                    if not is_dir:
-                        os.unlink(child, dir_fd=fd)
-                    elif name is None:
-                        pending.append(child)
-                    else:
-                        while True:
-                            moved += 1
-                            flat = f".scope-remove-{moved}"
-                            try:
-                                os.lstat(flat, dir_fd=top)
-                            except FileNotFoundError:
-                                break
-                        os.rename(child, flat, src_dir_fd=fd, dst_dir_fd=top)
-                        pending.append(flat)
-            finally:
-                if fd != top:
-                    os.close(fd)
-            if name is not None:  # now empty: its files unlinked, its subdirectories moved up
-                os.rmdir(name, dir_fd=top)
-    finally:
-        os.close(top)
-    os.rmdir(path)
-
-
-def _remove_files_of_uid(uid: int) -> None:
-    """Without a mount namespace: delete what the run's uid left in the world-writable directories."""
-    for directory in _WORLD_WRITABLE_DIRS:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    _remove_tree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
-
-
-def _stdin_bytes(test_input: object) -> int:
-    if isinstance(test_input, list):
-        return sum(len(str(line).encode()) + 1 for line in test_input)
-    return len(str(test_input).encode())
-
-
-class _Output:
-    """What the parent reads back from a run, within one byte budget for all of it."""
-
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
-        self.results = bytearray()
-        self.stderr_tail = b""
-        self.total = 0
-        self.over_budget = False
-
-    def add(self, is_stderr: bool, chunk: bytes) -> None:
-        self.total += len(chunk)
-        if self.total > self.budget_bytes:
-            self.over_budget = True
-            return
-        if is_stderr:
-            self.stderr_tail = (self.stderr_tail + chunk)[-4 * _STDERR_TAIL_CHARS :]
-        else:
-            self.results += chunk
-
-
-def _communicate(process: subprocess.Popen, output: _Output, deadline: float) -> bool:
-    """Reads the run's stdout and stderr pipes until both close, or until the process exits and
-    what it wrote is drained (without a pid namespace, a process that left the group can hold
-    the pipes open); False at the deadline or over the budget."""
-    streams = {process.stdout.fileno(): False, process.stderr.fileno(): True}
-    poller = select.poll()
-    for fd in streams:
-        os.set_blocking(fd, False)
-        poller.register(fd, select.POLLIN)
-    exited = False
-    while streams:
-        left_s = deadline - time.monotonic()
-        if left_s <= 0:
-            return False
-        ready = poller.poll(max(1, int(min(left_s, 0.05) * 1000)))
-        if not ready and exited:
-            return True  # drained: nothing more since the process exited
-        for fd, _ in ready:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                poller.unregister(fd)
-                del streams[fd]
-                continue
-            output.add(streams[fd], chunk)
-            if output.over_budget:
-                return False
-        exited = exited or process.poll() is not None
-    return True
-
-
-def _parse_records(raw: bytes) -> tuple[dict[int, dict], dict | None, str | None, int]:
-    """(test index -> record, supervisor record, set-up error, malformed line count).
-
-    The last record per test wins: the harness writes a test's record after that
-    test's code has run, so it overrides anything the code wrote. A line that is
-    not a valid record (garbage, or JSON nested too deeply to parse) is counted
-    and ignored.
-    """
-    records: dict[int, dict] = {}
-    supervisor, setup_error, malformed = None, None, 0
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if "setup_error" in record:
-                setup_error = str(record["setup_error"])
-                continue
-            if "supervisor" in record:
-                supervisor = {"supervisor": str(record["supervisor"]), "error": str(record["error"])}
-                continue
-            index = int(record["test"])
-            record["status"], record["error"] = str(record["status"]), str(record.get("error", ""))
-            if not isinstance(record.get("stdout", ""), str):
-                raise TypeError("stdout is not a string")
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            malformed += 1
-            continue
-        records[index] = record
-    return records, supervisor, setup_error, malformed
-
-
-@contextlib.contextmanager
-def _job_file(data: bytes) -> Iterator[object]:
-    """An unlinked file holding ``data``, for the run's stdin: the job reaches the sandbox without
-    a path on the host. In memory (memfd) where available, else a temporary file."""
-    if hasattr(os, "memfd_create"):
-        job_file = os.fdopen(os.memfd_create("scope-sandbox-job", os.MFD_CLOEXEC), "w+b")
-    else:
-        job_file = tempfile.TemporaryFile()
-    with job_file:
-        job_file.write(data)
-        job_file.seek(0)
-        yield job_file
-
 
 def _execute(
     isolation: _Isolation,
@@ -730,6 +391,7 @@ def _execute(
     fn_name: str | None,
     limits: SandboxLimits,
     stop_at_first_error: bool,
+    typed_values: bool = False,
 ) -> ProgramRun:
     job = {
         "source": source,
@@ -737,6 +399,7 @@ def _execute(
         "fn_name": fn_name,
         "limits": asdict(limits),
         "stop_at_first_error": stop_at_first_error,
+        "typed_values": typed_values,
     }
     budget_bytes = limits.output_budget_mb * _MIB
     with _job_file(json.dumps(job).encode("utf-8", errors="replace")) as job_file, _uid_lease(isolation) as uid:
@@ -772,6 +435,11 @@ def _execute(
         output = _Output(budget_bytes + _BUDGET_SLACK_BYTES)
         process = None
         finished = False
+        control_read = control_write = None
+        if config is not None:
+            control_read, control_write = os.pipe()
+            os.set_inheritable(control_write, True)
+            config["control_fd"] = control_write
         try:
             process = subprocess.Popen(
                 isolation.command(uid, limits.wall_time_s, config),
@@ -782,11 +450,18 @@ def _execute(
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group, killed as a whole
                 close_fds=True,
+                pass_fds=() if control_write is None else (control_write,),
                 **isolation.popen_kwargs(uid),
             )
+            if control_write is not None:
+                os.close(control_write)  # pid 1 holds the only write end now: EOF when it exits
+                control_write = None
             grace = _CONTAINED_GRACE_S if isolation.contained else 0.0
-            finished = _communicate(process, output, time.monotonic() + limits.wall_time_s + grace)
+            finished = _communicate(process, output, time.monotonic() + limits.wall_time_s + grace, control_read)
         finally:
+            for fd in (control_read, control_write):
+                if fd is not None:
+                    os.close(fd)
             if process is not None:
                 # Also after a normal exit: children the program forked may still run.
                 _kill_process_group(process.pid)
@@ -814,7 +489,8 @@ def _execute(
 def _collect(
     output: _Output, limits: SandboxLimits, n_tests: int, stdio: bool, killed_for: str | None, oom_killed: bool
 ) -> ProgramRun:
-    records, supervisor, setup_error, malformed = _parse_records(bytes(output.results))
+    records, malformed = _parse_records(output.results)
+    supervisor, setup_error = _parse_control(bytes(output.control))
     if setup_error is not None:
         raise SandboxUnavailable(f"the sandbox could not be set up: {setup_error}")
     reasons = {
@@ -857,6 +533,7 @@ def run_program(
     fn_name: str | None = None,
     limits: SandboxLimits = SandboxLimits(),
     stop_at_first_error: bool = False,
+    typed_values: bool = False,
 ) -> ProgramRun:
     """Runs ``source`` once per test input inside the sandbox (one interpreter for all tests).
 
@@ -870,11 +547,16 @@ def run_program(
         limits: see :class:`SandboxLimits`.
         stop_at_first_error: skip the remaining tests after an error or timeout
             (enough when only "all tests pass" matters).
+        typed_values: function-call style only: the arguments are, and the
+            return values come back as, tagged JSON that keeps tuples, sets,
+            dicts with any keys, bytes and complex apart
+            (:mod:`scope_opd.verifiers.trusted_check`); a return value that is
+            not built from exact built-in types is an error.
 
     Raises:
         SandboxUnavailable: no containment possible on this host (see module docstring).
     """
-    return _execute(_isolation(), source, test_inputs, fn_name, limits, stop_at_first_error)
+    return _execute(_isolation(), source, test_inputs, fn_name, limits, stop_at_first_error, typed_values)
 
 
 def run_programs(
