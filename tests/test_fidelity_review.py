@@ -292,3 +292,57 @@ def test_opd_baseline_is_the_sampled_token_reverse_kl_on_every_valid_row(aggrega
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     mask = stats["loss_mask"]
     torch.testing.assert_close(torch.where(mask, logp.grad, 0.0), torch.where(mask, ref_logp.grad, 0.0))
+
+
+# ------------------------------------------------------------------------------------------ TRL trainer
+
+
+@pytest.mark.parametrize("clip", ["ppo", "authors"])
+def test_trainer_second_pass_with_non_default_options_matches_the_reference(tmp_path, tiny_pair_dir, clip):
+    """The real SCOPETrainer, num_iterations = 2 (the second pass is off-policy), every weight option away from its
+    default and seq-mean-token-mean: the weights it computed and the loss it optimised equal the references, fed
+    with the verdicts, the sampling policy's and the teacher's log-probs it recorded."""
+    from transformers import AutoTokenizer
+
+    from test_trainer import has_digit_reward
+    from test_trainer_fidelity import MicroBatchRecorder, build
+
+    class Recorder(MicroBatchRecorder):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            self.generation = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in output.items()}
+            return output
+
+    options = dict(student_weighting="inverse", teacher_weighting="perplexity", weight_normalization="sum", tau=2.0,
+                   loss_aggregation="seq-mean-token-mean")
+    trainer = build(Recorder, tmp_path, tiny_pair_dir, num_iterations=2, max_steps=2, learning_rate=0.3,
+                    off_policy_clip=clip, **options)
+    trainer.train()
+    gen = trainer.generation
+    mask = gen["completion_mask"].bool()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair_dir["student"])
+    texts = tokenizer.batch_decode([ids[m] for ids, m in zip(gen["completion_ids"], mask)], skip_special_tokens=True)
+    correct = [r == 1.0 for r in has_digit_reward(None, texts)]
+    assert 0 < sum(correct) < len(correct), "fixture should mix right and wrong rollouts"
+    b = len(correct)
+    groups = [i // trainer.args.num_generations for i in range(b)]
+    student_mean = [ref_mean_logp(gen["old_per_token_logps"][i].tolist(), mask[i].tolist()) for i in range(b)]
+    teacher_mean = [None if correct[i] else ref_mean_logp(gen["teacher_per_token_logps"][i].tolist(), mask[i].tolist())
+                    for i in range(b)]
+    valid = [bool(mask[i].any()) for i in range(b)]
+    want_stu, want_tea = ref_weights(groups, correct, valid, student_mean, teacher_mean, **{
+        k: options[k] for k in ("student_weighting", "teacher_weighting", "tau")}, normalization="sum")
+    torch.testing.assert_close(gen["scope_student_weights"], torch.tensor(want_stu), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gen["scope_teacher_weights"], torch.tensor(want_tea), rtol=1e-5, atol=1e-6)
+
+    first, second = trainer.micro_batches
+    inputs = second["inputs"]  # the same rows, shuffled by TRL
+    rho = torch.exp(second["logps"] - inputs["old_per_token_logps"])[inputs["scope_loss_mask"].bool()]
+    assert (rho - 1).abs().max() > 0.2, "the second pass should be off-policy"
+    reference = ref_loss(second["logps"], inputs["old_per_token_logps"].tolist(),
+                         inputs["teacher_per_token_logps"].tolist(), inputs["scope_loss_mask"].bool().tolist(),
+                         inputs["scope_correct"].tolist(), inputs["scope_student_weights"].tolist(),
+                         inputs["scope_teacher_weights"].tolist(), aggregation="seq-mean-token-mean", clip=clip,
+                         opd_advantage="old" if clip == "authors" else "current",
+                         mle_surrogate="logp" if clip == "authors" else "ratio")
+    assert second["loss"].item() == pytest.approx(reference.item(), rel=1e-4, abs=1e-6)
