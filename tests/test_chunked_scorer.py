@@ -94,3 +94,22 @@ def test_bad_sizes_are_named():
         ChunkedTeacherScorer(model, padding_side="middle")
     with pytest.raises(ValueError, match="row 1 has token ids outside"):
         ChunkedTeacherScorer(model).score([[1], [2]], [[3], [VOCAB]])
+
+
+def test_bench_topk_scorer_prints_the_side_by_side_peaks_and_the_ratio_line():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_topk_scorer.py"
+    args = ["--variants", "logits,chunked", "--vocab", "3000", "--completion-tokens", "64", "--prompt-tokens", "8",
+            "--hidden", "16", "--layers", "1", "--token-chunk-size", "16", "--vocab-chunk-size", "1000"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ") and "load average" in lines[0]
+    chunked = next(line for line in lines if line.strip().startswith("chunked:"))
+    # The chunked scorer's log-probs are the logits path's, to float32 rounding.
+    assert float(re.search(r"max \|log-prob - logits\| (\S+)", chunked).group(1)) < 1e-5, chunked
+    assert re.fullmatch(r"teacher peak memory: chunked [\d,]+ MiB vs logits [\d,]+ MiB \(\d+\.\dx less\)", lines[-1]), lines[-1]
