@@ -86,6 +86,17 @@ def test_a_model_whose_forward_scales_its_logits_is_refused():
         ChunkedTeacherScorer(_tiny("cohere"))
 
 
+def test_a_bfloat16_teacher_passes_the_self_check_and_matches_its_logits_to_bf16_rounding():
+    """Two bf16 matmuls that block differently may round a logit one bf16 step apart: not a reason to refuse."""
+    model = _tiny("qwen2", seed=4).to(torch.bfloat16)
+    prompts, completions = _rows(seed=5)
+    scores = ChunkedTeacherScorer(model, token_chunk_size=4, vocab_chunk_size=512, batch_size=2).score(prompts, completions)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        if completion:
+            token_logp = _logits_reference(model, prompt, completion, 1.0, 1)[0]
+            torch.testing.assert_close(scores[row], token_logp, atol=0.05, rtol=0)
+
+
 def test_bad_sizes_are_named():
     model = _tiny("qwen2")
     with pytest.raises(ValueError, match="token_chunk_size"):

@@ -111,12 +111,14 @@ def test_ties_in_the_teacher_top_k(loss):
             reference = _forward_reference(torch.log_softmax(logits.double(), -1).gather(-1, top_ids), top_logp)
         torch.testing.assert_close(ours.double(), reference, atol=1e-5, rtol=1e-5)
         values.append(ours.detach())
-    # Reordering the same set ({0, 1, 2} vs {2, 0, ...}) changes nothing; the value depends on the set only.
-    same_set = topk_reverse_kl if loss == "topk_reverse" else None
-    if same_set is not None:
-        permuted = torch.tensor([2, 0, 1]).expand(1, 2, 3)
-        again = topk_reverse_kl(logits.gather(-1, permuted), teacher_logp.gather(-1, permuted), torch.ones(1, 2, dtype=torch.bool))
-        torch.testing.assert_close(again, values[0])
+    # The same set in another order gives the same loss: only the set of ids matters.
+    permuted = torch.tensor([2, 0, 1]).expand(1, 2, 3)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    if loss == "topk_reverse":
+        again = topk_reverse_kl(logits.gather(-1, permuted), teacher_logp.gather(-1, permuted), mask)
+    else:
+        again = topk_forward_kl(logits.gather(-1, permuted), torch.logsumexp(logits, -1), teacher_logp.gather(-1, permuted), mask)
+    torch.testing.assert_close(again.detach(), values[0])
     # A repeated id is not a tie: it would count one token's mass twice.
     repeated = torch.tensor([0, 1, 1]).expand(1, 2, 3)
     with pytest.raises(ValueError, match="teacher_topk_ids repeats a token id .* rows 0"):
