@@ -124,3 +124,26 @@ def test_bench_topk_scorer_prints_the_side_by_side_peaks_and_the_ratio_line():
     # The chunked scorer's log-probs are the logits path's, to float32 rounding.
     assert float(re.search(r"max \|log-prob - logits\| (\S+)", chunked).group(1)) < 1e-5, chunked
     assert re.fullmatch(r"teacher peak memory: chunked [\d,]+ MiB vs logits [\d,]+ MiB \(\d+\.\dx less\)", lines[-1]), lines[-1]
+
+
+def test_scorer_top_k_feeds_the_top_k_losses_and_k_equal_to_vocabulary_gives_the_full_kl():
+    """Teacher top-k from the tiles into topk_forward_kl / topk_reverse_kl, K = V: the KL between the two models' full distributions."""
+    from scope_opd.algorithms import topk_forward_kl, topk_reverse_kl
+
+    teacher, student = _tiny("qwen2", seed=6), _tiny("llama", seed=7)
+    prompt, completion = [5, 17, 2999], [4, 8, 15, 16, 23, 42]
+    scores = ChunkedTeacherScorer(teacher, token_chunk_size=4, vocab_chunk_size=1000).score_tokens([prompt], [completion], top_k=VOCAB)[0]
+    ids = torch.tensor([prompt + completion[:-1]])
+    student_logits = student(input_ids=ids).logits[0, len(prompt) - 1 :].float()  # [C, V], requires grad
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1 :].float(), dim=-1)
+    top_ids, top_logp = scores.top_ids[None], scores.top_logprobs[None]  # [1, C, V]
+    mask = torch.ones(1, len(completion), dtype=torch.bool)
+    student_at_top = student_logits[None].gather(-1, top_ids)
+    forward = topk_forward_kl(student_at_top, torch.logsumexp(student_logits, -1)[None], top_logp, mask, teacher_topk_ids=top_ids)
+    reverse = topk_reverse_kl(student_at_top, top_logp, mask, teacher_topk_ids=top_ids)
+    student_logp = torch.log_softmax(student_logits, -1)
+    full_forward = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    full_reverse = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    torch.testing.assert_close(forward[0], full_forward, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reverse[0], full_reverse, atol=1e-5, rtol=1e-5)
