@@ -497,3 +497,198 @@ def scope_loss(
     names = ("loss/mle", "loss/opd", "opd/log_ratio_mean", "frac_correct", "ratio/mean", "clip/frac", "num_tokens")
     metrics = dict(zip(names, values))
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k teacher distributions on the OPD (incorrect) path: issue 20.
+#
+# The paper's OPD path (eq. 6, :func:`scope_loss`) uses the sampled token's log-ratio only. These
+# per-token divergences instead compare the student with the teacher's top-k distribution at each
+# position. They return a per-token loss ``[B, T]``; weighting by SCOPE's teacher weight (eq. 5)
+# and the aggregation are the caller's, exactly as on the sampled-token path.
+# ---------------------------------------------------------------------------------------------
+
+OPD_LOSSES = ("sampled", "topk_reverse", "topk_forward")
+
+# log of the largest top-k mass a tail bucket accepts, TRL's clamp (``add_tail_bucket``): the tail
+# holds at least ~1e-7, so its log stays finite when the top-k covers (nearly) the whole vocabulary.
+_TAIL_LOG_MASS_MAX = -1e-7
+# A teacher top-k whose log total probability exceeds this (mass > ~1.001) is not a set of log-probs.
+_TOPK_LOG_MASS_TOLERANCE = 1e-3
+
+
+def _check_topk_inputs(
+    student_topk_logits: torch.Tensor,
+    teacher_topk_logp: torch.Tensor,
+    teacher_topk_ids: torch.Tensor | None,
+    mask: torch.Tensor,
+    student_logsumexp: torch.Tensor | None,
+) -> torch.Tensor:
+    """Shared shape / finiteness / duplicate-id checks of the top-k losses; returns ``mask`` as bool."""
+    if student_topk_logits.dim() != 3:
+        raise ValueError(f"student_topk_logits must be [B, T, K], got shape {tuple(student_topk_logits.shape)}")
+    batch, length, k = student_topk_logits.shape
+    if k == 0:
+        raise ValueError("the top-k losses need K >= 1 teacher tokens per position, got K = 0")
+    if teacher_topk_logp.shape != student_topk_logits.shape:
+        raise ValueError(
+            f"teacher_topk_logp has shape {tuple(teacher_topk_logp.shape)}, expected {tuple(student_topk_logits.shape)} "
+            "like student_topk_logits"
+        )
+    if teacher_topk_ids is not None and teacher_topk_ids.shape != student_topk_logits.shape:
+        raise ValueError(f"teacher_topk_ids has shape {tuple(teacher_topk_ids.shape)}, expected {tuple(student_topk_logits.shape)}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected [B, T] = ({batch}, {length})")
+    if student_logsumexp is not None and tuple(student_logsumexp.shape) != (batch, length):
+        raise ValueError(f"student_logsumexp has shape {tuple(student_logsumexp.shape)}, expected [B, T] = ({batch}, {length})")
+    mask = _as_bool("mask", mask)
+    checked = {"student_topk_logits": student_topk_logits.detach(), "teacher_topk_logp": teacher_topk_logp.detach()}
+    if student_logsumexp is not None:
+        checked["student_logsumexp"] = student_logsumexp.detach()[..., None]
+    for name, x in checked.items():
+        bad = mask & ~torch.isfinite(x).all(dim=-1)
+        if bad.any():
+            raise ValueError(f"{name} is NaN/inf on masked tokens of rows {_row_list(bad.any(dim=1))}")
+    if teacher_topk_ids is not None and k > 1:
+        # A repeated id counts one token's mass twice: a parsing bug upstream, never a tie.
+        ordered = teacher_topk_ids.sort(dim=-1).values
+        repeated = mask & (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+        if repeated.any():
+            raise ValueError(f"teacher_topk_ids repeats a token id at a position of rows {_row_list(repeated.any(dim=1))}")
+    return mask
+
+
+def topk_reverse_kl(
+    student_topk_logits: torch.Tensor,
+    teacher_topk_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    teacher_topk_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token reverse KL on the teacher's top-k, both renormalised there (``opd_loss="topk_reverse"``).
+
+    The authors' release option (``DISTILL_SIGNAL_IN_LOSS=True`` with the top-k type,
+    ``shared/SCOPE_METHOD.md`` section 9). At each position, with ``S`` the teacher's top-k ids,
+    ``z`` the student's logits and ``t`` the teacher's log-probs there::
+
+        p~ = softmax(z[S])          (student renormalised on S)
+        q~ = softmax(t[S])          (teacher renormalised on S)
+        loss = KL(p~ || q~) = sum_{k in S} p~_k (log p~_k - log q~_k)
+
+    The student's full logsumexp cancels in the renormalisation, so it is not an input; logits or
+    log-probs gathered at ``S`` give the same value. Both sides at the same temperature is the
+    caller's choice (the release: student at the rollout temperature, teacher at 1).
+
+    Gradient (the teacher is detached): ``d loss / d z_j = p~_j (log p~_j - log q~_j - loss)`` for
+    ``j`` in ``S``, and 0 for every token outside ``S``: the student is never pushed on tokens the
+    teacher's top-k does not list. When ``S`` is the whole vocabulary (``K = V``), ``p~`` and ``q~`` are
+    the full distributions and value and gradient are those of the full-vocabulary reverse KL
+    ``KL(pi_theta || pi_T)``.
+
+    Args:
+        student_topk_logits: ``[B, T, K]`` student logits (or log-probs) at the teacher's top-k ids,
+            requires grad.
+        teacher_topk_logp: ``[B, T, K]`` the teacher's log-probs (or logits) of its top-k tokens;
+            detached internally.
+        mask: ``[B, T]`` bool or 0/1: the positions that carry a loss (e.g. incorrect rows' response tokens).
+        teacher_topk_ids: optional ``[B, T, K]`` ids, only checked for repeats (a repeated id would
+            count one token twice; tied log-probs on distinct ids are fine).
+
+    Returns:
+        ``[B, T]`` float32 per-token loss (>= 0), exactly 0 at masked-out positions, whose values
+        (even NaN/inf) are never read.
+
+    Raises:
+        ValueError: shapes, ``K = 0``, a NaN/inf on a masked position (named by row, as
+            :func:`scope_loss` does for ``teacher_logp``), or a repeated top-k id.
+    """
+    mask = _check_topk_inputs(student_topk_logits, teacher_topk_logp, teacher_topk_ids, mask, None)
+    keep = mask[..., None]
+    # Padding positions may hold NaN/inf: neutralise before any arithmetic so no NaN reaches the gradient.
+    student = torch.where(keep, student_topk_logits.float(), 0.0)
+    teacher = torch.where(keep, teacher_topk_logp.detach().float(), 0.0)
+    student_logp = torch.log_softmax(student, dim=-1)
+    teacher_logp = torch.log_softmax(teacher, dim=-1)
+    per_token = (student_logp.exp() * (student_logp - teacher_logp)).sum(dim=-1)
+    return torch.where(mask, per_token, 0.0)
+
+
+def _log_tail_mass(topk_logp: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum_k exp(topk_logp))`` over the last dim, the top-k mass clamped below 1 (TRL's form)."""
+    log_mass = torch.logsumexp(topk_logp, dim=-1).clamp(max=_TAIL_LOG_MASS_MAX)
+    return torch.log(-torch.expm1(log_mass))
+
+
+def topk_forward_kl(
+    student_topk_logits: torch.Tensor,
+    student_logsumexp: torch.Tensor,
+    teacher_topk_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    teacher_topk_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token forward KL over the teacher's top-k plus a tail bucket (``opd_loss="topk_forward"``).
+
+    TRL's tail-bucket form (``add_tail_bucket`` in its server-distillation and SDPO trainers). At each
+    position, with ``S`` the teacher's top-k ids, the student's log-probs there
+    ``s_k = z_k - logsumexp(z)`` (the full-vocabulary logsumexp) and the teacher's ``t_k``, each
+    distribution gets one more bucket holding the rest of its mass, ``s_tail = 1 - sum_S exp(s_k)``
+    and ``t_tail = 1 - sum_S exp(t_k)``, and::
+
+        loss = sum_{k in S} exp(t_k) (t_k - s_k) + t_tail (log t_tail - log s_tail)
+
+    a true KL between two distributions over ``K + 1`` buckets: >= 0, and 0 only when the student
+    matches the teacher on ``S`` and on the tail's total. Each tail mass is clamped to at least
+    ``~1e-7`` (TRL's clamp of the top-k log-mass at ``-1e-7``) so its log stays finite; when a side
+    is clamped its tail carries no gradient.
+
+    Gradient with respect to the student's logits (teacher detached, tails not clamped):
+    ``p_j - exp(t_j)`` for ``j`` in ``S`` and ``p_j (1 - t_tail / s_tail)`` outside ``S``, i.e.
+    ``softmax(z) - target`` where the target puts the teacher's tail mass on the tokens outside
+    ``S`` in proportion to the student's own tail. It reaches the tokens outside ``S`` only through
+    ``student_logsumexp``, which must therefore carry the gradient of the full logits (e.g.
+    ``torch.logsumexp(logits, -1)``, or a chunked/fused logsumexp with its backward). When ``S`` is the
+    whole vocabulary (``K = V``) both tails are clamped to the same ``1e-7``, contribute 0 with 0
+    gradient, and value and gradient are those of the full-vocabulary forward KL
+    ``KL(pi_T || pi_theta)``, gradient ``softmax(z) - pi_T``.
+
+    Args:
+        student_topk_logits: ``[B, T, K]`` student logits at the teacher's top-k ids, requires grad.
+        student_logsumexp: ``[B, T]`` logsumexp of the student's full logits at each position (same
+            temperature as the logits), requires grad. Passing log-probs as ``student_topk_logits``
+            with a zero ``student_logsumexp`` is the same loss when the log-probs carry the gradient.
+        teacher_topk_logp: ``[B, T, K]`` the teacher's log-probs of its top-k tokens (normalised over
+            the full vocabulary: their probabilities add up to at most 1); detached internally.
+        mask: ``[B, T]`` bool or 0/1: the positions that carry a loss.
+        teacher_topk_ids: optional ``[B, T, K]`` ids, only checked for repeats.
+
+    Returns:
+        ``[B, T]`` float32 per-token loss, exactly 0 at masked-out positions.
+
+    Raises:
+        ValueError: as :func:`topk_reverse_kl`, and when the teacher's top-k probabilities add up to
+            more than 1 (+1e-3) at a masked position (logits passed for log-probs, or a temperature
+            mismatch).
+    """
+    mask = _check_topk_inputs(student_topk_logits, teacher_topk_logp, teacher_topk_ids, mask, student_logsumexp)
+    keep = mask[..., None]
+    student_logp = torch.where(keep, student_topk_logits.float() - student_logsumexp.float()[..., None], 0.0)
+    teacher_logp = torch.where(keep, teacher_topk_logp.detach().float(), 0.0)
+    over = mask & (torch.logsumexp(teacher_logp, dim=-1) > _TOPK_LOG_MASS_TOLERANCE)
+    if over.any():
+        raise ValueError(
+            f"teacher_topk_logp adds up to more than probability 1 at positions of rows {_row_list(over.any(dim=1))}: "
+            "log-probs normalised over the full vocabulary are expected, not logits"
+        )
+    # At masked-out positions a single 0 log-prob bucket would make the tail log(0): give them a
+    # harmless -1 (mass e^-1 < 1) before the tail, the result is zeroed below anyway.
+    student_logp = torch.where(keep, student_logp, -1.0)
+    teacher_logp = torch.where(keep, teacher_logp, -1.0)
+    student_tail = _log_tail_mass(student_logp)
+    teacher_tail = _log_tail_mass(teacher_logp)
+    on_topk = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
+    per_token = on_topk + teacher_tail.exp() * (teacher_tail - student_tail)
+    return torch.where(mask, per_token, 0.0)
+
+
+__all__ += ["OPD_LOSSES", "topk_reverse_kl", "topk_forward_kl"]
