@@ -369,8 +369,11 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 # pivot_root has no glibc wrapper; without a known number we fall back to chroot.
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
-# /dev entries a Python program may need; device numbers come from the host's nodes by bind mount.
-DEVICES = ("null", "zero", "full", "random", "urandom")
+# /dev entries a Python program may need, as (name, host node bound there). /dev/zero is the
+# host's /dev/full: reads give zeros all the same, but it has no mmap, whereas a MAP_SHARED
+# mapping of the real /dev/zero is shared anonymous memory that the filter's MAP_ANONYMOUS test
+# cannot see (children fill it and exit; the holder's resident count shows nothing).
+DEVICES = (("null", "null"), ("zero", "full"), ("full", "full"), ("random", "random"), ("urandom", "urandom"))
 WRITABLE_DIRS = ("tmp", "var/tmp", "dev/shm", "run/lock")
 
 
@@ -430,10 +433,10 @@ def _build_root(config, uid):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "w").close()
             _bind_read_only(libc, ctypes, host_path, target)
-    for device in DEVICES:
+    for device, host_device in DEVICES:
         target = os.path.join(root, "dev", device)
         open(target, "w").close()
-        _mount(libc, ctypes, "/dev/" + device, target, None, MS_BIND)
+        _mount(libc, ctypes, "/dev/" + host_device, target, None, MS_BIND)
     for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                        ("stderr", "/proc/self/fd/2")):
         os.symlink(link, os.path.join(root, "dev", name))
@@ -454,7 +457,10 @@ def _build_root(config, uid):
 # (audit arch, refused with EPERM, mmap, clone, unshare).
 # Refused: memfd_create and memfd_secret (memory no process need map, so no resident count sees
 # it), the kernel keyrings (add_key, request_key, keyctl: keys outlive the run and other uids may
-# read them), shmget (SysV shared memory; also capped at 0 by this IPC namespace's sysctls).
+# read them), shmget, msgget and semget (SysV shared memory, message queues and semaphore arrays:
+# kernel memory no process maps, 512 MiB of queues and tens of GiB of semaphores with the default
+# limits; also capped at 0 by this IPC namespace's sysctls), io_uring_setup (ring memory is kernel
+# memory, bounded only by a RLIMIT_MEMLOCK the host chooses, and its operations bypass this filter).
 # mmap is refused only with MAP_SHARED|MAP_ANONYMOUS: such pages stay allocated while any process
 # maps them, but count in the resident memory only of processes that touched them (a child fills
 # them and exits); shared memory on a file lives in the run's size-capped tmpfs instead (Python's
@@ -463,8 +469,8 @@ def _build_root(config, uid):
 # limit counts, among others). clone3 answers ENOSYS, since its flags sit in memory a filter
 # cannot read; the C library then falls back to clone.
 SECCOMP_ARCHES = {
-    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29), 9, 56, 272),
-    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194), 222, 220, 97),
+    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29, 68, 64, 425), 9, 56, 272),
+    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194, 186, 190, 425), 222, 220, 97),
 }
 MAP_SHARED_ANONYMOUS = 0x01 | 0x20
 SYS_CLONE3 = 435
@@ -527,10 +533,11 @@ def _forbid_syscalls(ctypes, libc):
 
 
 def _refuse_sysv_shared_memory():
-    """This run's IPC namespace allows no SysV shared memory segment (sizes over shmmax = 0 fail)."""
-    for name in ("shmmax", "shmall", "shmmni"):
+    """This run's IPC namespace allows no SysV shared memory segment (sizes over shmmax = 0 fail),
+    no message queue (msgmni = 0) and no semaphore array (sem = "0 0 0 0")."""
+    for name, value in (("shmmax", "0"), ("shmall", "0"), ("shmmni", "0"), ("msgmni", "0"), ("sem", "0 0 0 0")):
         with open("/proc/sys/kernel/" + name, "w") as sysctl:
-            sysctl.write("0")
+            sysctl.write(value)
 
 
 def _drop_to(uid, ctypes, libc):

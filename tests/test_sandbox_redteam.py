@@ -1,0 +1,116 @@
+"""Round 4 of the sandbox's red team (issue 18, after the seccomp filter and the trusted check):
+memory the kernel holds for the run where no resident count of its processes shows it, and the
+filter's own edges (other ABIs on x86_64).
+
+Each route runs in the real sandbox against a small memory limit and holds at most a few hundred
+MiB (the route is refused, so the tests hold almost nothing once fixed).
+"""
+
+from __future__ import annotations
+
+import platform
+import textwrap
+
+import pytest
+
+from scope_opd.verifiers import SandboxLimits, describe_isolation
+from scope_opd.verifiers import sandbox
+
+LIMITS = SandboxLimits(wall_time_s=8.0, time_per_test_s=6.0, cpu_time_s=8, memory_mb=128, max_file_mb=16,
+                       output_budget_mb=8)
+
+
+def stdout_of(source: str, limits: SandboxLimits = LIMITS) -> str:
+    result = sandbox.run_program(textwrap.dedent(source), ["\n"], limits=limits)
+    assert result.tests[0].status == "ok", result
+    return result.tests[0].stdout
+
+
+@pytest.fixture
+def contained():
+    if not sandbox._isolation().contained:
+        pytest.skip(f"no private filesystem, pid 1 supervisor or seccomp filter here ({describe_isolation()})")
+
+
+def test_dev_zero_cannot_be_mapped_shared(contained):
+    # A MAP_SHARED mapping of /dev/zero is shared anonymous memory with no MAP_ANONYMOUS flag for
+    # the filter to see. Four holders each kept 64 MiB that a child had filled and left: 256 MiB
+    # held against 128 MiB, never killed (each holder's own resident count stayed 0).
+    source = """
+    import mmap, os
+    with open("/dev/zero", "rb") as zero:
+        zeros = zero.read(4)
+    try:
+        descriptor = os.open("/dev/zero", os.O_RDWR)
+        mmap.mmap(descriptor, 16 << 20, flags=mmap.MAP_SHARED)
+        print("mapped", zeros)
+    except OSError:
+        print("refused", zeros)
+    """
+    assert stdout_of(source) == "refused b'\\x00\\x00\\x00\\x00'\n"
+
+
+def test_sysv_message_queues_are_refused(contained):
+    # 4000 queues of 16 KiB each took 64 MiB of kernel memory (32000 queues allowed by default: 512 MiB).
+    source = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    queue = libc.msgget(0, 0o1600)
+    print(queue, ctypes.get_errno() != 0, open("/proc/sys/kernel/msgmni").read().strip())
+    """
+    assert stdout_of(source) == "-1 True 0\n"
+
+
+def test_sysv_semaphores_are_refused(contained):
+    # 60 arrays of 32000 semaphores took 148 MiB of kernel memory; the defaults allow 32000 arrays.
+    source = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    array = libc.semget(0, 32000, 0o1600)
+    print(array, ctypes.get_errno() != 0, open("/proc/sys/kernel/sem").read().split())
+    """
+    assert stdout_of(source) == "-1 True ['0', '0', '0', '0']\n"
+
+
+def test_io_uring_is_refused(contained):
+    # Ring memory is kernel memory (bounded here only by RLIMIT_MEMLOCK, which the host sets), and
+    # io_uring operations are not seen by the seccomp filter at all.
+    source = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)
+    ring = libc.syscall(425, 8, params)
+    print(ring, ctypes.get_errno())
+    """
+    assert stdout_of(source) == "-1 1\n"
+
+
+# On x86_64 the same process can make i386 system calls (int 0x80) and x32 ones (number | 0x40000000),
+# whose numbers differ: the filter must kill the process for both, not read them as x86_64 numbers.
+ANOTHER_ABI = """
+import ctypes, mmap, os
+code = {code}
+page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(code)
+address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+child = os.fork()
+if child == 0:
+    ctypes.CFUNCTYPE(ctypes.c_long)(address)()
+    os._exit(0)
+print(os.waitpid(child, 0)[1] & 0x7F)
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="i386 and x32 system calls exist only on x86_64")
+@pytest.mark.parametrize(
+    "code",
+    [
+        # mov eax, 29 (i386: pause; as x86_64: shmget) ; int 0x80 ; ret
+        b"\xb8\x1d\x00\x00\x00\xcd\x80\xc3",
+        # mov eax, 0x40000000 | 29 (x32 shmget) ; syscall ; ret
+        b"\xb8\x1d\x00\x00\x40\x0f\x05\xc3",
+    ],
+    ids=["i386-int-0x80", "x32"],
+)
+def test_other_abis_are_killed_on_x86_64(contained, code):
+    assert stdout_of(ANOTHER_ABI.format(code=code)) == "31\n"  # SIGSYS
