@@ -90,7 +90,8 @@ def test_io_uring_is_refused(contained):
 ANOTHER_ABI = """
 import ctypes, mmap, os
 code = {code}
-page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                 prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
 page.write(code)
 address = ctypes.addressof(ctypes.c_char.from_buffer(page))
 child = os.fork()
@@ -114,3 +115,33 @@ print(os.waitpid(child, 0)[1] & 0x7F)
 )
 def test_other_abis_are_killed_on_x86_64(contained, code):
     assert stdout_of(ANOTHER_ABI.format(code=code)) == "31\n"  # SIGSYS
+
+
+FORGED_HUGE_RECORD = """
+import os
+def f(x):
+    # Written straight to the results pipe, in the harness's shape: 2 million empty lists in 6 MiB,
+    # which parsed would be 128 MiB of the verifier's memory (64 MiB of them, 1.5 GiB).
+    os.write(1, b'{"test": 0, "status": "ok", "error": "", "returned": [' + b"[]," * 2000000 + b'[]]}\\n')
+    os._exit(0)
+"""
+
+
+def test_a_record_too_many_values_to_parse_is_an_error_not_verifier_memory():
+    from scope_opd.verifiers.code import code_score
+
+    run = sandbox.run_program(FORGED_HUGE_RECORD, [[1]], fn_name="f", limits=LIMITS)
+    assert run.tests[0].status == "error" and "JSON values" in run.tests[0].error, run.tests[0]
+    assert code_score(FORGED_HUGE_RECORD, {"fn_name": "f", "inputs": [[1]], "outputs": [[]]}, limits=LIMITS) == 0.0
+
+
+def test_big_honest_outputs_still_pass():
+    # Within the bound: a return value of 200,000 items, and a stdout of 3 MiB with commas and brackets.
+    from scope_opd.verifiers.code import code_score
+
+    listing = "def f(n):\n    return [[i] for i in range(n)]\n"
+    assert code_score(listing, {"fn_name": "f", "inputs": [[200000]], "outputs": [[[i] for i in range(200000)]]},
+                      limits=LIMITS) == 1.0
+    printing = "n = int(input())\nprint(','.join('[%d]' % i for i in range(n)))\n"
+    expected = ",".join("[%d]" % i for i in range(400000)) + "\n"
+    assert code_score(printing, {"inputs": ["400000\n"], "outputs": [expected]}, limits=LIMITS) == 1.0

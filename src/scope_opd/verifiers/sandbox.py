@@ -489,7 +489,7 @@ def _execute(
 def _collect(
     output: _Output, limits: SandboxLimits, n_tests: int, stdio: bool, killed_for: str | None, oom_killed: bool
 ) -> ProgramRun:
-    records, malformed = _parse_records(output.results)
+    records, malformed = _parse_records(output.results, n_tests)
     supervisor, setup_error = _parse_control(bytes(output.control))
     if setup_error is not None:
         raise SandboxUnavailable(f"the sandbox could not be set up: {setup_error}")
