@@ -223,3 +223,29 @@ def test_function_call_tests_cannot_be_passed_without_solving(code_sandbox, atta
     for gold in (CALL_GOLD, STRING_GOLD):
         source = ATTACKS[attack].format(name=gold["fn_name"])
         assert code_score(fenced(source), gold, limits=FAST) == 0.0, (attack, gold["fn_name"])
+
+
+RAISES = {  # a check that wants an exception for bad input, and accepts any exception
+    "prompt": 'def parse(s: str) -> int:\n    """int(s); raises an exception on bad input."""\n',
+    "test": "def check(candidate):\n    assert candidate('12') == 12\n    raised = False\n    try:\n"
+    "        candidate('x')\n    except Exception:\n        raised = True\n    assert raised\n",
+    "entry_point": "parse",
+}
+
+
+def test_a_return_value_that_cannot_be_sent_is_not_an_exception_the_check_may_catch(code_sandbox):
+    # The object is not a plain value, so it cannot reach the check; it must fail the check, not
+    # reach it as an exception: a check that expects an exception would catch that as a pass.
+    assert humaneval_score("    return int(s)\n", RAISES, limits=FAST) == 1.0
+    unsendable = "    if s == '12':\n        return 12\n    return object()\n"
+    assert humaneval_score(unsendable, RAISES, limits=FAST) == 0.0
+
+
+def test_a_forged_return_value_the_check_cannot_rebuild_is_not_an_exception_either(code_sandbox):
+    # Written straight to the results pipe: a tagged value that does not decode (bytes "zz").
+    forged = (
+        "    import os\n    if s == '12':\n        return 12\n"
+        "    os.write(1, b'{\"test\": 1, \"status\": \"ok\", \"error\": \"\", \"returned\": {\"bytes\": \"zz\"}}\\n')\n"
+        "    os._exit(0)\n"
+    )
+    assert humaneval_score(forged, RAISES, limits=FAST) == 0.0

@@ -160,6 +160,7 @@ def run_check(job, trees, known):
     """One run of the check: {"passed", "error", "pending", "unsupported"}."""
     pending = {}
     calls = [0]
+    unrebuilt = []
 
     def candidate(*args, **kwargs):
         calls[0] += 1
@@ -180,7 +181,9 @@ def run_check(job, trees, known):
         try:
             return from_tagged(outcome["returned"])
         except (ValueError, TypeError, KeyError, RecursionError) as error:
-            raise CandidateError("its return value could not be rebuilt: %s" % describe(error))
+            # Fails the run whatever the check catches: not an exception of the candidate's.
+            unrebuilt.append("a return value could not be rebuilt: %s" % describe(error))
+            raise CandidateError(unrebuilt[-1])
 
     def assert_failed(*message):
         if not pending:
@@ -200,6 +203,8 @@ def run_check(job, trees, known):
         unsupported = str(reason)
     except BaseException as failure:
         error = describe(failure)
+    if unrebuilt:
+        passed, error = False, unrebuilt[0]
     return {"passed": passed and not pending, "error": error, "pending": list(pending), "unsupported": unsupported}
 
 

@@ -112,6 +112,10 @@ def _parse_control(raw: bytes) -> tuple[dict | None, str | None]:
 # of the verifier's memory. 2**20 values cost at most about 75 MiB; a return value that needs more
 # is an error for its test.
 MAX_RECORD_VALUES = 1 << 20
+# How the errors of a return value that could not come back start (the harness writes "return value is
+# not JSON" / "not a plain value"): no exception's description does ("TypeName: ..."), so they are told
+# apart from exceptions the program raised.
+RETURN_VALUE_ERROR_PREFIX = "return value is "
 # The start of the harness's own record of a test that ran (json.dumps of its dict, in this order).
 _RECORD_START = re.compile(rb'\{"test": (\d+), "status": "ok", "error": "", ')
 _STDOUT_KEY = b'"stdout": '
@@ -173,8 +177,8 @@ def _parse_records(raw: bytes | bytearray, n_tests: int | None = None) -> tuple[
                     malformed += 1
                     continue
                 record = {"test": int(match.group(1)), "status": "error",
-                          "error": f"its record holds more than the {MAX_RECORD_VALUES} JSON values all records "
-                          "of a run may hold (a return value too large)"}
+                          "error": f"{RETURN_VALUE_ERROR_PREFIX}too large: its record holds more than the "
+                          f"{MAX_RECORD_VALUES} JSON values all records of a run may hold"}
             else:
                 values_left -= values
         try:
