@@ -145,3 +145,23 @@ def test_big_honest_outputs_still_pass():
     printing = "n = int(input())\nprint(','.join('[%d]' % i for i in range(n)))\n"
     expected = ",".join("[%d]" % i for i in range(400000)) + "\n"
     assert code_score(printing, {"inputs": ["400000\n"], "outputs": [expected]}, limits=LIMITS) == 1.0
+
+
+def test_socket_buffers_cannot_be_enlarged(contained):
+    # What Unix sockets hold queued is kernel memory: with SO_SNDBUF raised to the host's wmem_max
+    # (4 MiB here), one process's 28 datagram socket pairs held 217 MiB against a 128 MiB limit.
+    source = """
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    refused = []
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            a.setsockopt(socket.SOL_SOCKET, option, 1 << 24)
+            refused.append(False)
+        except PermissionError:
+            refused.append(True)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # other options still work
+    a.send(b"ping")
+    print(refused, b.recv(10))
+    """
+    assert stdout_of(source) == "[True, True] b'ping'\n"
