@@ -13,20 +13,24 @@ and how each layer degrades elsewhere:
   the only writable places, ``/work`` (0700, the run's uid), ``/tmp``,
   ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; the system's ``/usr``, ``/lib*``,
   ``/bin``, ``/sbin``, ``/etc/ld.so.cache`` and the interpreter's prefix are bound
-  read-only and nosuid; ``/dev`` has null, zero, full, random, urandom; ``/proc``
+  read-only and nosuid; ``/dev`` has null, zero (the host's ``/dev/full``: it
+  reads zeros but cannot be mapped), full, random, urandom; ``/proc``
   is this pid namespace's own. ``pivot_root`` then detaches the host's tree
   (``chroot`` where the syscall number is unknown). Nothing of the host's files
   (datasets, the checkout, other runs' work dirs, unix sockets), processes
   (the trainer's command line) or SysV IPC is reachable, and everything the run
   wrote disappears with its namespace; no clean-up walks it. In the run's own
-  IPC namespace ``kernel.shmmax``, ``shmall`` and ``shmmni`` are 0: no SysV
-  shared memory at all.
+  IPC namespace ``kernel.shmmax``, ``shmall``, ``shmmni`` and ``msgmni`` are 0
+  and ``kernel.sem`` is ``0 0 0 0``: no SysV shared memory, message queue or
+  semaphore array at all.
 * **System call filter** (seccomp, installed by pid 1 before the harness
   starts, kept across the uid change and ``exec``; x86_64 and aarch64, other
   architectures are refused as a set-up error). Refused with ``EPERM``:
   ``memfd_create``/``memfd_secret`` and ``mmap`` with
   ``MAP_SHARED|MAP_ANONYMOUS`` (memory whose pages stay allocated while no
-  process's resident count shows them), ``shmget``, the kernel keyrings
+  process's resident count shows them), ``shmget``, ``msgget``, ``semget`` and
+  ``io_uring_setup`` (kernel memory no process maps), ``setsockopt`` of the
+  socket buffer sizes (queued data is kernel memory), the kernel keyrings
   (``add_key``, ``request_key``, ``keyctl``: keys outlive the run and may be
   readable by other uids), and ``clone``/``unshare`` with ``CLONE_NEWUSER`` (a
   user namespace of its own would give the program every capability there,
