@@ -460,7 +460,10 @@ def _build_root(config, uid):
 # read them), shmget, msgget and semget (SysV shared memory, message queues and semaphore arrays:
 # kernel memory no process maps, 512 MiB of queues and tens of GiB of semaphores with the default
 # limits; also capped at 0 by this IPC namespace's sysctls), io_uring_setup (ring memory is kernel
-# memory, bounded only by a RLIMIT_MEMLOCK the host chooses, and its operations bypass this filter).
+# memory, bounded only by a RLIMIT_MEMLOCK the host chooses, and its operations bypass this filter),
+# inotify_init, inotify_init1 and fanotify_init (each watch pins an inode of the read-only system
+# files in the kernel's caches: 33219 watches in 4 s took 50 MiB of slab, up to fs.inotify's
+# max_user_watches, 192540 here, per uid).
 # mmap is refused only with MAP_SHARED|MAP_ANONYMOUS: such pages stay allocated while any process
 # maps them, but count in the resident memory only of processes that touched them (a child fills
 # them and exits); shared memory on a file lives in the run's size-capped tmpfs instead (Python's
@@ -473,8 +476,8 @@ def _build_root(config, uid):
 # datagram socket pairs held 217 MiB at the host's 4 MiB wmem_max; at the default size (the host's
 # wmem_default) it is bounded by max_processes x max_open_files sockets.
 SECCOMP_ARCHES = {
-    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29, 68, 64, 425), 9, 56, 272, 54),
-    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194, 186, 190, 425), 222, 220, 97, 208),
+    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29, 68, 64, 425, 253, 294, 300), 9, 56, 272, 54),
+    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194, 186, 190, 425, 26, 262), 222, 220, 97, 208),
 }
 SOL_SOCKET, SOCKET_BUFFER_OPTIONS = 1, (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE
 MAP_SHARED_ANONYMOUS = 0x01 | 0x20

@@ -29,7 +29,8 @@ and how each layer degrades elsewhere:
   ``memfd_create``/``memfd_secret`` and ``mmap`` with
   ``MAP_SHARED|MAP_ANONYMOUS`` (memory whose pages stay allocated while no
   process's resident count shows them), ``shmget``, ``msgget``, ``semget`` and
-  ``io_uring_setup`` (kernel memory no process maps), ``setsockopt`` of the
+  ``io_uring_setup`` (kernel memory no process maps), ``inotify_init``/``fanotify_init``
+  (watches pin inodes in kernel caches), ``setsockopt`` of the
   socket buffer sizes (queued data is kernel memory), the kernel keyrings
   (``add_key``, ``request_key``, ``keyctl``: keys outlive the run and may be
   readable by other uids), and ``clone``/``unshare`` with ``CLONE_NEWUSER`` (a
