@@ -249,3 +249,26 @@ def test_a_forged_return_value_the_check_cannot_rebuild_is_not_an_exception_eith
         "    os._exit(0)\n"
     )
     assert humaneval_score(forged, RAISES, limits=FAST) == 0.0
+
+
+def test_livecodebench_list_answer_is_not_passed_by_its_only_item(code_sandbox):
+    # LiveCodeBench stores a functional test's output as the return value itself: [3] is the list
+    # [3]. TACO/APPS's "a one-item list also accepts the bare value" must not apply there.
+    import json
+
+    from scope_opd.evaluation.code_benchmarks import livecodebench_problem
+
+    row = {
+        "question_content": "Return the indices of the even numbers of nums.",
+        "public_test_cases": json.dumps([{"input": "[1, 3, 4]", "output": "[2]", "testtype": "functional"}]),
+        "metadata": json.dumps({"func_name": "evenIndices"}),
+    }
+    _, gold = livecodebench_problem(row)
+    honest = ("class Solution:\n    def evenIndices(self, nums):\n"
+              "        return [i for i, x in enumerate(nums) if x % 2 == 0]\n")
+    bare = "class Solution:\n    def evenIndices(self, nums):\n        return 2\n"
+    assert code_score(honest, gold, limits=FAST) == 1.0
+    assert code_score(bare, gold, limits=FAST) == 0.0
+    # TACO keeps its convention: the expected [[2]] is a call returning [2], and [2] a call returning 2.
+    taco = {"fn_name": "f", "inputs": [[1]], "outputs": [[2]]}
+    assert code_score("def f(x):\n    return 2\n", taco, limits=FAST) == 1.0
