@@ -272,3 +272,21 @@ def test_livecodebench_list_answer_is_not_passed_by_its_only_item(code_sandbox):
     # TACO keeps its convention: the expected [[2]] is a call returning [2], and [2] a call returning 2.
     taco = {"fn_name": "f", "inputs": [[1]], "outputs": [[2]]}
     assert code_score("def f(x):\n    return 2\n", taco, limits=FAST) == 1.0
+
+
+RAISES_VALUE_ERROR = {  # a check that wants exactly ValueError for bad input
+    "prompt": 'def parse(s: str) -> int:\n    """int(s); ValueError on bad input."""\n',
+    "test": "def check(candidate):\n    assert candidate('12') == 12\n    try:\n        candidate('x')\n"
+    "    except ValueError:\n        return\n    raise AssertionError('no ValueError')\n",
+    "entry_point": "parse",
+}
+
+
+def test_a_check_catches_the_built_in_exception_the_candidate_raised(code_sandbox):
+    assert humaneval_score("    return int(s)\n", RAISES_VALUE_ERROR, limits=FAST) == 1.0
+    assert humaneval_score("    if s == 'x':\n        raise TypeError(s)\n    return int(s)\n",
+                           RAISES_VALUE_ERROR, limits=FAST) == 0.0
+    # A class of the candidate's own, merely named ValueError, is not the built-in one.
+    impostor = ("    class ValueError(Exception):\n        pass\n"
+                "    if s == 'x':\n        raise ValueError(s)\n    return int(s)\n")
+    assert humaneval_score(impostor, RAISES_VALUE_ERROR, limits=FAST) == 0.0

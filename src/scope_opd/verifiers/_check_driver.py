@@ -27,6 +27,7 @@ run in which no call was pending, so a placeholder never decides a verdict.
 """
 
 import ast
+import builtins
 import json
 import random
 import resource
@@ -38,6 +39,19 @@ MAX_CALLS = 100000
 
 class CandidateError(Exception):
     """The candidate raised this (in the sandbox) for these arguments."""
+
+
+def candidate_error(outcome):
+    """The exception a known failed call raises in the check: a CandidateError, and an instance of the
+    built-in exception class the candidate raised where the sandbox named one."""
+    text, name = str(outcome["error"]), outcome.get("raised")
+    builtin = getattr(builtins, name, None) if type(name) is str else None
+    if isinstance(builtin, type) and issubclass(builtin, Exception):
+        try:
+            return type(name, (CandidateError, builtin), {})(text)
+        except Exception:  # a class that cannot be combined or built from one message
+            pass
+    return CandidateError(text)
 
 
 class Unsupported(BaseException):
@@ -177,7 +191,7 @@ def run_check(job, trees, known):
             pending[key] = None  # a dict: ordered, and each call asked once
             return Pending()
         if "error" in outcome:
-            raise CandidateError(str(outcome["error"]))
+            raise candidate_error(outcome)
         try:
             return from_tagged(outcome["returned"])
         except (ValueError, TypeError, KeyError, RecursionError) as error:

@@ -125,7 +125,7 @@ def _run_timed(action, seconds):
             return "ok", "", None
         return "error", "SystemExit(%r)" % (exit_.code,), None
     except BaseException as error:
-        return "error", _describe(error), None
+        return "error", _describe(error), error  # the exception itself, for its class
 
 
 def _redirect(fd, path, flags):
@@ -248,6 +248,12 @@ def _call_test(code, fn_name, args, index, seconds, typed=False):
 
     status, error, returned = _run_timed(call, seconds)
     record = {"test": index, "status": status, "error": error}
+    if status == "error" and returned is not None:
+        # Named only when it is exactly a built-in exception class, so that a check expecting, say,
+        # ValueError sees one (trusted_check); a class of the program's own is just an error.
+        kind = type(returned)
+        if getattr(builtins, kind.__name__, None) is kind:
+            record["raised"] = kind.__name__
     if status == "ok":
         try:
             record["returned"] = _to_tagged(returned) if typed else json.loads(json.dumps(returned))

@@ -210,6 +210,9 @@ class TestOutcome:
     error: str = ""
     stdout: str | None = None  # stdin/stdout style, when status is "ok"
     returned: object = None  # function-call style: the return value, through JSON
+    # Function-call style, status "error": the built-in exception class the call raised, by name
+    # (None for any other class, or when the program wrote the record itself without it).
+    raised: str | None = None
 
 
 @dataclass(frozen=True)
@@ -520,7 +523,9 @@ def _collect(
         if stdio and record["status"] == "ok" and stdout is None:
             tests.append(TestOutcome("error", "stdout missing, not a regular file, or over the size limit"))
             continue
-        tests.append(TestOutcome(record["status"], record["error"], stdout, record.get("returned")))
+        raised = record.get("raised")
+        tests.append(TestOutcome(record["status"], record["error"], stdout, record.get("returned"),
+                                 raised if isinstance(raised, str) else None))
     return ProgramRun(
         tests=tuple(tests),
         compile_error=compile_record["error"] if compile_record else None,

@@ -11,9 +11,11 @@ back. So the verdict depends only on plain values compared by trusted code:
   (an object with its own ``__eq__``, a subclass of int or str), or a value too
   large to bring back, fails the check outright: not raised in it as an
   exception, which a check expecting one would catch as a pass;
-* an exception the candidate raised is raised in the check as
-  :class:`CandidateError` (any exception type the check catches, not only the
-  candidate's own);
+* an exception the candidate raised is raised in the check as a
+  :class:`CandidateError` that is also an instance of the exception's class
+  when that class is exactly a built-in one (``except ValueError`` in a check
+  catches the candidate's ``ValueError``, not a class of the candidate's own
+  that is merely named so);
 * patched builtins, ``sys.exit`` or ``os._exit``, output imitating the harness,
   frames inspected to read the expected values: all of that happens in the
   sandbox, where neither the check's source nor its verdict is;
@@ -168,7 +170,7 @@ def run_trusted_check(
                     # Not an exception of the candidate's: a check that expects one must not catch it as a pass.
                     return CheckVerdict(False, f"a call of {fn_name} returned what cannot be checked: {outcome.error}")
                 elif outcome.status == "error":
-                    outcomes[key] = {"error": outcome.error}
+                    outcomes[key] = {"error": outcome.error, "raised": outcome.raised}
                 else:  # a timeout, or the run ended before this call: fails whatever the check would do
                     return CheckVerdict(False, f"a call of {fn_name} did not finish: {outcome.error}")
             driver.answer(outcomes)
