@@ -175,7 +175,8 @@ def test_livecodebench_keeps_the_papers_window_with_public_and_private_tests_in_
     # 2024-07-15 and 2025-02-08 are outside; 2025-02-01T00:00 is the window's (inclusive) end.
     assert [p.id for p in problem_set.problems] == ["3500", "abc370_a", "abc390_b"]
     functional, stdin, _ = (p.answer for p in problem_set.problems)
-    assert functional == {"fn_name": "addTwo", "inputs": [[1, 2], [-5, 5], [100, 23]], "outputs": [3, 0, 123]}
+    assert functional == {"fn_name": "addTwo", "inputs": [[1, 2], [-5, 5], [100, 23]], "outputs": [3, 0, 123],
+                          "apps_wrapped_outputs": False}
     assert stdin == {"inputs": ["3\n", "50\n"], "outputs": ["6\n", "100\n"]}
     assert "class Solution:\n    def addTwo(self, a: int, b: int) -> int:\n```" in problem_set.problems[0].prompt
     with pytest.raises(ValueError, match="builds its prompts and tests itself; --instruction cannot apply"):

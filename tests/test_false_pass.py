@@ -223,3 +223,70 @@ def test_function_call_tests_cannot_be_passed_without_solving(code_sandbox, atta
     for gold in (CALL_GOLD, STRING_GOLD):
         source = ATTACKS[attack].format(name=gold["fn_name"])
         assert code_score(fenced(source), gold, limits=FAST) == 0.0, (attack, gold["fn_name"])
+
+
+RAISES = {  # a check that wants an exception for bad input, and accepts any exception
+    "prompt": 'def parse(s: str) -> int:\n    """int(s); raises an exception on bad input."""\n',
+    "test": "def check(candidate):\n    assert candidate('12') == 12\n    raised = False\n    try:\n"
+    "        candidate('x')\n    except Exception:\n        raised = True\n    assert raised\n",
+    "entry_point": "parse",
+}
+
+
+def test_a_return_value_that_cannot_be_sent_is_not_an_exception_the_check_may_catch(code_sandbox):
+    # The object is not a plain value, so it cannot reach the check; it must fail the check, not
+    # reach it as an exception: a check that expects an exception would catch that as a pass.
+    assert humaneval_score("    return int(s)\n", RAISES, limits=FAST) == 1.0
+    unsendable = "    if s == '12':\n        return 12\n    return object()\n"
+    assert humaneval_score(unsendable, RAISES, limits=FAST) == 0.0
+
+
+def test_a_forged_return_value_the_check_cannot_rebuild_is_not_an_exception_either(code_sandbox):
+    # Written straight to the results pipe: a tagged value that does not decode (bytes "zz").
+    forged = (
+        "    import os\n    if s == '12':\n        return 12\n"
+        "    os.write(1, b'{\"test\": 1, \"status\": \"ok\", \"error\": \"\", \"returned\": {\"bytes\": \"zz\"}}\\n')\n"
+        "    os._exit(0)\n"
+    )
+    assert humaneval_score(forged, RAISES, limits=FAST) == 0.0
+
+
+def test_livecodebench_list_answer_is_not_passed_by_its_only_item(code_sandbox):
+    # LiveCodeBench stores a functional test's output as the return value itself: [3] is the list
+    # [3]. TACO/APPS's "a one-item list also accepts the bare value" must not apply there.
+    import json
+
+    from scope_opd.evaluation.code_benchmarks import livecodebench_problem
+
+    row = {
+        "question_content": "Return the indices of the even numbers of nums.",
+        "public_test_cases": json.dumps([{"input": "[1, 3, 4]", "output": "[2]", "testtype": "functional"}]),
+        "metadata": json.dumps({"func_name": "evenIndices"}),
+    }
+    _, gold = livecodebench_problem(row)
+    honest = ("class Solution:\n    def evenIndices(self, nums):\n"
+              "        return [i for i, x in enumerate(nums) if x % 2 == 0]\n")
+    bare = "class Solution:\n    def evenIndices(self, nums):\n        return 2\n"
+    assert code_score(honest, gold, limits=FAST) == 1.0
+    assert code_score(bare, gold, limits=FAST) == 0.0
+    # TACO keeps its convention: the expected [[2]] is a call returning [2], and [2] a call returning 2.
+    taco = {"fn_name": "f", "inputs": [[1]], "outputs": [[2]]}
+    assert code_score("def f(x):\n    return 2\n", taco, limits=FAST) == 1.0
+
+
+RAISES_VALUE_ERROR = {  # a check that wants exactly ValueError for bad input
+    "prompt": 'def parse(s: str) -> int:\n    """int(s); ValueError on bad input."""\n',
+    "test": "def check(candidate):\n    assert candidate('12') == 12\n    try:\n        candidate('x')\n"
+    "    except ValueError:\n        return\n    raise AssertionError('no ValueError')\n",
+    "entry_point": "parse",
+}
+
+
+def test_a_check_catches_the_built_in_exception_the_candidate_raised(code_sandbox):
+    assert humaneval_score("    return int(s)\n", RAISES_VALUE_ERROR, limits=FAST) == 1.0
+    assert humaneval_score("    if s == 'x':\n        raise TypeError(s)\n    return int(s)\n",
+                           RAISES_VALUE_ERROR, limits=FAST) == 0.0
+    # A class of the candidate's own, merely named ValueError, is not the built-in one.
+    impostor = ("    class ValueError(Exception):\n        pass\n"
+                "    if s == 'x':\n        raise ValueError(s)\n    return int(s)\n")
+    assert humaneval_score(impostor, RAISES_VALUE_ERROR, limits=FAST) == 0.0

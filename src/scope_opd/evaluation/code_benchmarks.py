@@ -338,7 +338,8 @@ def livecodebench_problem(row: Mapping) -> tuple[str, dict]:
             outputs = [json.loads(t["output"]) for t in tests]
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise MalformedTests(f"functional tests or metadata.func_name unusable ({type(err).__name__}: {err})") from err
-        gold = {"fn_name": fn_name, "inputs": inputs, "outputs": outputs}
+        # The outputs are the return values themselves: no APPS-style one-item list unwrapping.
+        gold = {"fn_name": fn_name, "inputs": inputs, "outputs": outputs, "apps_wrapped_outputs": False}
     return code_prompt(question, row.get("starter_code"), gold.get("fn_name")), _check_gold(gold)
 
 

@@ -27,6 +27,7 @@ run in which no call was pending, so a placeholder never decides a verdict.
 """
 
 import ast
+import builtins
 import json
 import random
 import resource
@@ -38,6 +39,19 @@ MAX_CALLS = 100000
 
 class CandidateError(Exception):
     """The candidate raised this (in the sandbox) for these arguments."""
+
+
+def candidate_error(outcome):
+    """The exception a known failed call raises in the check: a CandidateError, and an instance of the
+    built-in exception class the candidate raised where the sandbox named one."""
+    text, name = str(outcome["error"]), outcome.get("raised")
+    builtin = getattr(builtins, name, None) if type(name) is str else None
+    if isinstance(builtin, type) and issubclass(builtin, Exception):
+        try:
+            return type(name, (CandidateError, builtin), {})(text)
+        except Exception:  # a class that cannot be combined or built from one message
+            pass
+    return CandidateError(text)
 
 
 class Unsupported(BaseException):
@@ -160,6 +174,7 @@ def run_check(job, trees, known):
     """One run of the check: {"passed", "error", "pending", "unsupported"}."""
     pending = {}
     calls = [0]
+    unrebuilt = []
 
     def candidate(*args, **kwargs):
         calls[0] += 1
@@ -176,11 +191,13 @@ def run_check(job, trees, known):
             pending[key] = None  # a dict: ordered, and each call asked once
             return Pending()
         if "error" in outcome:
-            raise CandidateError(str(outcome["error"]))
+            raise candidate_error(outcome)
         try:
             return from_tagged(outcome["returned"])
         except (ValueError, TypeError, KeyError, RecursionError) as error:
-            raise CandidateError("its return value could not be rebuilt: %s" % describe(error))
+            # Fails the run whatever the check catches: not an exception of the candidate's.
+            unrebuilt.append("a return value could not be rebuilt: %s" % describe(error))
+            raise CandidateError(unrebuilt[-1])
 
     def assert_failed(*message):
         if not pending:
@@ -200,6 +217,8 @@ def run_check(job, trees, known):
         unsupported = str(reason)
     except BaseException as failure:
         error = describe(failure)
+    if unrebuilt:
+        passed, error = False, unrebuilt[0]
     return {"passed": passed and not pending, "error": error, "pending": list(pending), "unsupported": unsupported}
 
 

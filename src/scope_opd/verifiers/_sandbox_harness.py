@@ -125,7 +125,7 @@ def _run_timed(action, seconds):
             return "ok", "", None
         return "error", "SystemExit(%r)" % (exit_.code,), None
     except BaseException as error:
-        return "error", _describe(error), None
+        return "error", _describe(error), error  # the exception itself, for its class
 
 
 def _redirect(fd, path, flags):
@@ -248,6 +248,12 @@ def _call_test(code, fn_name, args, index, seconds, typed=False):
 
     status, error, returned = _run_timed(call, seconds)
     record = {"test": index, "status": status, "error": error}
+    if status == "error" and returned is not None:
+        # Named only when it is exactly a built-in exception class, so that a check expecting, say,
+        # ValueError sees one (trusted_check); a class of the program's own is just an error.
+        kind = type(returned)
+        if getattr(builtins, kind.__name__, None) is kind:
+            record["raised"] = kind.__name__
     if status == "ok":
         try:
             record["returned"] = _to_tagged(returned) if typed else json.loads(json.dumps(returned))
@@ -369,8 +375,11 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 # pivot_root has no glibc wrapper; without a known number we fall back to chroot.
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
-# /dev entries a Python program may need; device numbers come from the host's nodes by bind mount.
-DEVICES = ("null", "zero", "full", "random", "urandom")
+# /dev entries a Python program may need, as (name, host node bound there). /dev/zero is the
+# host's /dev/full: reads give zeros all the same, but it has no mmap, whereas a MAP_SHARED
+# mapping of the real /dev/zero is shared anonymous memory that the filter's MAP_ANONYMOUS test
+# cannot see (children fill it and exit; the holder's resident count shows nothing).
+DEVICES = (("null", "null"), ("zero", "full"), ("full", "full"), ("random", "random"), ("urandom", "urandom"))
 WRITABLE_DIRS = ("tmp", "var/tmp", "dev/shm", "run/lock")
 
 
@@ -430,10 +439,10 @@ def _build_root(config, uid):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "w").close()
             _bind_read_only(libc, ctypes, host_path, target)
-    for device in DEVICES:
+    for device, host_device in DEVICES:
         target = os.path.join(root, "dev", device)
         open(target, "w").close()
-        _mount(libc, ctypes, "/dev/" + device, target, None, MS_BIND)
+        _mount(libc, ctypes, "/dev/" + host_device, target, None, MS_BIND)
     for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                        ("stderr", "/proc/self/fd/2")):
         os.symlink(link, os.path.join(root, "dev", name))
@@ -451,10 +460,16 @@ def _build_root(config, uid):
 
 
 # ---- syscalls the program may not make (seccomp), per architecture:
-# (audit arch, refused with EPERM, mmap, clone, unshare).
+# (audit arch, refused with EPERM, mmap, clone, unshare, setsockopt).
 # Refused: memfd_create and memfd_secret (memory no process need map, so no resident count sees
 # it), the kernel keyrings (add_key, request_key, keyctl: keys outlive the run and other uids may
-# read them), shmget (SysV shared memory; also capped at 0 by this IPC namespace's sysctls).
+# read them), shmget, msgget and semget (SysV shared memory, message queues and semaphore arrays:
+# kernel memory no process maps, 512 MiB of queues and tens of GiB of semaphores with the default
+# limits; also capped at 0 by this IPC namespace's sysctls), io_uring_setup (ring memory is kernel
+# memory, bounded only by a RLIMIT_MEMLOCK the host chooses, and its operations bypass this filter),
+# inotify_init, inotify_init1 and fanotify_init (each watch pins an inode of the read-only system
+# files in the kernel's caches: 33219 watches in 4 s took 50 MiB of slab, up to fs.inotify's
+# max_user_watches, 192540 here, per uid).
 # mmap is refused only with MAP_SHARED|MAP_ANONYMOUS: such pages stay allocated while any process
 # maps them, but count in the resident memory only of processes that touched them (a child fills
 # them and exits); shared memory on a file lives in the run's size-capped tmpfs instead (Python's
@@ -462,10 +477,15 @@ def _build_root(config, uid):
 # new user namespace would give the program a full capability set there (mounting a tmpfs no
 # limit counts, among others). clone3 answers ENOSYS, since its flags sit in memory a filter
 # cannot read; the C library then falls back to clone.
+# setsockopt is refused only for socket buffer sizes (SO_SNDBUF, SO_RCVBUF and their FORCE forms):
+# what sockets hold queued is kernel memory no resident count shows, and one process's 28 Unix
+# datagram socket pairs held 217 MiB at the host's 4 MiB wmem_max; at the default size (the host's
+# wmem_default) it is bounded by max_processes x max_open_files sockets.
 SECCOMP_ARCHES = {
-    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29), 9, 56, 272),
-    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194), 222, 220, 97),
+    "x86_64": (0xC000003E, (319, 447, 248, 249, 250, 29, 68, 64, 425, 253, 294, 300), 9, 56, 272, 54),
+    "aarch64": (0xC00000B7, (279, 447, 217, 218, 219, 194, 186, 190, 425, 26, 262), 222, 220, 97, 208),
 }
+SOL_SOCKET, SOCKET_BUFFER_OPTIONS = 1, (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE
 MAP_SHARED_ANONYMOUS = 0x01 | 0x20
 SYS_CLONE3 = 435
 CLONE_NEWUSER = 0x10000000
@@ -478,7 +498,7 @@ def _seccomp_program(machine):
     """The BPF program of the filter, as (code, jump if true, jump if false, k) tuples; None if the arch is unknown."""
     if machine not in SECCOMP_ARCHES:
         return None
-    arch, refused, mmap, clone, unshare = SECCOMP_ARCHES[machine]
+    arch, refused, mmap, clone, unshare, setsockopt = SECCOMP_ARCHES[machine]
     # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_ALU|AND|K, BPF_RET|K
     load, jeq, jge, jset, and_, ret = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06
     program = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, SECCOMP_RET_KILL_PROCESS), (load, 0, 0, 0)]
@@ -494,6 +514,18 @@ def _seccomp_program(machine):
         (jeq, 0, 1, MAP_SHARED_ANONYMOUS),
         (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM),
         (ret, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    program += [
+        (jeq, 0, 9, setsockopt),
+        (load, 0, 0, 24),  # the low 32 bits of the second argument: the level
+        (jeq, 0, 5, SOL_SOCKET),
+        (load, 0, 0, 32),  # the third: the option
+        (jeq, 4, 0, SOCKET_BUFFER_OPTIONS[0]),
+        (jeq, 3, 0, SOCKET_BUFFER_OPTIONS[1]),
+        (jeq, 2, 0, SOCKET_BUFFER_OPTIONS[2]),
+        (jeq, 1, 0, SOCKET_BUFFER_OPTIONS[3]),
+        (ret, 0, 0, SECCOMP_RET_ALLOW),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | EPERM),
     ]
     program += [
         (jeq, 1, 0, clone),
@@ -527,10 +559,11 @@ def _forbid_syscalls(ctypes, libc):
 
 
 def _refuse_sysv_shared_memory():
-    """This run's IPC namespace allows no SysV shared memory segment (sizes over shmmax = 0 fail)."""
-    for name in ("shmmax", "shmall", "shmmni"):
+    """This run's IPC namespace allows no SysV shared memory segment (sizes over shmmax = 0 fail),
+    no message queue (msgmni = 0) and no semaphore array (sem = "0 0 0 0")."""
+    for name, value in (("shmmax", "0"), ("shmall", "0"), ("shmmni", "0"), ("msgmni", "0"), ("sem", "0 0 0 0")):
         with open("/proc/sys/kernel/" + name, "w") as sysctl:
-            sysctl.write("0")
+            sysctl.write(value)
 
 
 def _drop_to(uid, ctypes, libc):

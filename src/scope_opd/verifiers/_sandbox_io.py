@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import subprocess
 import tempfile
@@ -106,28 +107,83 @@ def _parse_control(raw: bytes) -> tuple[dict | None, str | None]:
     return supervisor, setup_error
 
 
-def _parse_records(raw: bytes | bytearray) -> tuple[dict[int, dict], int]:
+# How many JSON values (containers and items) the records of one run may hold once parsed. Parsed,
+# "[]," (3 bytes) is a 64-byte list: within the output budget alone, 64 MiB of them took 1.5 GiB
+# of the verifier's memory. 2**20 values cost at most about 75 MiB; a return value that needs more
+# is an error for its test.
+MAX_RECORD_VALUES = 1 << 20
+# How the errors of a return value that could not come back start (the harness writes "return value is
+# not JSON" / "not a plain value"): no exception's description does ("TypeName: ..."), so they are told
+# apart from exceptions the program raised.
+RETURN_VALUE_ERROR_PREFIX = "return value is "
+# The start of the harness's own record of a test that ran (json.dumps of its dict, in this order).
+_RECORD_START = re.compile(rb'\{"test": (\d+), "status": "ok", "error": "", ')
+_STDOUT_KEY = b'"stdout": '
+
+
+def _value_count(line: bytes) -> int:
+    """An upper bound on the JSON values in ``line``: each container opens with [ or {, each further item
+    follows a comma (separators inside strings count too, which only over-estimates)."""
+    return line.count(b"[") + line.count(b"{") + line.count(b",") + 1
+
+
+def _parse_stdout_record(line: bytes) -> dict | None:
+    """The harness's record of a stdin/stdout test that ran, parsed as its one string, or None if ``line``
+    does not have exactly that shape (whatever else the line holds is then never parsed)."""
+    match = _RECORD_START.match(line)
+    if match is None or not line.endswith(b"}") or not line.startswith(_STDOUT_KEY, match.end()):
+        return None
+    try:
+        stdout = json.loads(line[match.end() + len(_STDOUT_KEY) : -1])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(stdout, str):
+        return None
+    return {"test": int(match.group(1)), "status": "ok", "error": "", "stdout": stdout}
+
+
+def _parse_records(raw: bytes | bytearray, n_tests: int | None = None) -> tuple[dict[int, dict], int]:
     """(test index -> record, malformed line count), from the results pipe.
 
     The last record per test wins: the harness writes a test's record after that
     test's code has run, so it overrides anything the code wrote. A line that is
     not a valid test record (garbage, JSON nested too deeply to parse, or a
     supervisor or set-up record, which only pid 1 sends, on its own pipe) is
-    counted and ignored.
+    counted and ignored, and so is a record of a test index outside ``range(n_tests)``.
+
+    Memory: the records hold at most :data:`MAX_RECORD_VALUES` JSON values (a
+    stdout is one string, however long). A line past that is not parsed: a
+    record of the harness's shape becomes an error of its test, any other line
+    is malformed.
     """
     records: dict[int, dict] = {}
     malformed = 0
+    values_left = MAX_RECORD_VALUES
     start = 0
     while start < len(raw):
         # One line at a time (the harness escapes newlines inside a record): never a second copy of all of it.
         end = raw.find(b"\n", start)
         end = len(raw) if end < 0 else end
-        line = raw[start:end].decode("utf-8", errors="replace")
+        line_bytes = bytes(memoryview(raw)[start:end])
         start = end + 1
-        if not line.strip():
+        if not line_bytes.strip():
             continue
+        record = _parse_stdout_record(line_bytes)
+        if record is None:
+            values = _value_count(line_bytes)
+            if values > values_left:
+                match = re.match(rb'\{"test": (\d+), "status": "ok", ', line_bytes)
+                if match is None:
+                    malformed += 1
+                    continue
+                record = {"test": int(match.group(1)), "status": "error",
+                          "error": f"{RETURN_VALUE_ERROR_PREFIX}too large: its record holds more than the "
+                          f"{MAX_RECORD_VALUES} JSON values all records of a run may hold"}
+            else:
+                values_left -= values
         try:
-            record = json.loads(line)
+            if record is None:
+                record = json.loads(line_bytes.decode("utf-8", errors="replace"))
             index = int(record["test"])
             record["status"], record["error"] = str(record["status"]), str(record.get("error", ""))
             if not isinstance(record.get("stdout", ""), str):
@@ -135,7 +191,11 @@ def _parse_records(raw: bytes | bytearray) -> tuple[dict[int, dict], int]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             malformed += 1
             continue
+        if n_tests is not None and not -1 <= index < n_tests:
+            malformed += 1
+            continue
         records[index] = record
+        del record, line_bytes
     return records, malformed
 
 

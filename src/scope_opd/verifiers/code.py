@@ -5,7 +5,9 @@ Gold test cases follow the TACO / APPS convention, as a dict or its JSON text:
 * stdin/stdout: ``{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}``
 * function call: ``{"fn_name": "add", "inputs": [[1, 2], ...], "outputs": [3, ...]}``
   (a top-level function, or a method of ``class Solution``). As in APPS, an
-  expected output wrapped in a one-element list also accepts the bare value.
+  expected output wrapped in a one-element list also accepts the bare value,
+  unless the gold says ``"apps_wrapped_outputs": false`` (LiveCodeBench, whose
+  outputs are the return values themselves: there ``[3]`` is the list ``[3]``).
 
 Output comparison (done here, outside the sandbox). stdout matches when its
 lines equal the expected lines up to trailing whitespace and blank lines at
@@ -68,6 +70,8 @@ class TestCases:
     inputs: list
     outputs: list
     fn_name: str | None = None
+    # APPS/TACO store a call's return value wrapped in a one-element list; False: outputs are the values.
+    apps_wrapped_outputs: bool = True
 
 
 def parse_test_cases(gold: object) -> TestCases:
@@ -95,7 +99,10 @@ def parse_test_cases(gold: object) -> TestCases:
     fn_name = gold.get("fn_name") or None
     if fn_name is not None and not isinstance(fn_name, str):
         raise InvalidGoldError(f"fn_name must be a string, got {type(fn_name).__name__}")
-    return TestCases(inputs=inputs, outputs=outputs, fn_name=fn_name)
+    wrapped = gold.get("apps_wrapped_outputs", True)
+    if not isinstance(wrapped, bool):
+        raise InvalidGoldError(f"apps_wrapped_outputs must be true or false, got {wrapped!r}")
+    return TestCases(inputs=inputs, outputs=outputs, fn_name=fn_name, apps_wrapped_outputs=wrapped)
 
 
 def _as_text(expected: object) -> str:
@@ -210,12 +217,12 @@ def _values_match(actual: object, expected: object) -> bool:
     return True
 
 
-def returned_matches(actual: object, expected: object) -> bool:
-    """Whether a function's return value (through JSON, so tuples are lists) matches the expected output."""
+def returned_matches(actual: object, expected: object, apps_wrapped: bool = True) -> bool:
+    """Whether a function's return value (through JSON, so tuples are lists) matches the expected output;
+    ``apps_wrapped``: the expected output may be the value wrapped in a one-element list (TACO/APPS)."""
     if _values_match(actual, expected):
         return True
-    # TACO/APPS store a call's expected return value wrapped in a one-element list.
-    return isinstance(expected, list) and len(expected) == 1 and _values_match(actual, expected[0])
+    return apps_wrapped and isinstance(expected, list) and len(expected) == 1 and _values_match(actual, expected[0])
 
 
 def passed_tests(run: ProgramRun, cases: TestCases) -> list[bool]:
@@ -227,7 +234,7 @@ def passed_tests(run: ProgramRun, cases: TestCases) -> list[bool]:
         elif cases.fn_name is None:
             passed.append(outcome.stdout is not None and stdout_matches(outcome.stdout, expected))
         else:
-            passed.append(returned_matches(outcome.returned, expected))
+            passed.append(returned_matches(outcome.returned, expected, cases.apps_wrapped_outputs))
     return passed
 
 

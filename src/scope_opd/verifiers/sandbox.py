@@ -13,20 +13,25 @@ and how each layer degrades elsewhere:
   the only writable places, ``/work`` (0700, the run's uid), ``/tmp``,
   ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; the system's ``/usr``, ``/lib*``,
   ``/bin``, ``/sbin``, ``/etc/ld.so.cache`` and the interpreter's prefix are bound
-  read-only and nosuid; ``/dev`` has null, zero, full, random, urandom; ``/proc``
+  read-only and nosuid; ``/dev`` has null, zero (the host's ``/dev/full``: it
+  reads zeros but cannot be mapped), full, random, urandom; ``/proc``
   is this pid namespace's own. ``pivot_root`` then detaches the host's tree
   (``chroot`` where the syscall number is unknown). Nothing of the host's files
   (datasets, the checkout, other runs' work dirs, unix sockets), processes
   (the trainer's command line) or SysV IPC is reachable, and everything the run
   wrote disappears with its namespace; no clean-up walks it. In the run's own
-  IPC namespace ``kernel.shmmax``, ``shmall`` and ``shmmni`` are 0: no SysV
-  shared memory at all.
+  IPC namespace ``kernel.shmmax``, ``shmall``, ``shmmni`` and ``msgmni`` are 0
+  and ``kernel.sem`` is ``0 0 0 0``: no SysV shared memory, message queue or
+  semaphore array at all.
 * **System call filter** (seccomp, installed by pid 1 before the harness
   starts, kept across the uid change and ``exec``; x86_64 and aarch64, other
   architectures are refused as a set-up error). Refused with ``EPERM``:
   ``memfd_create``/``memfd_secret`` and ``mmap`` with
   ``MAP_SHARED|MAP_ANONYMOUS`` (memory whose pages stay allocated while no
-  process's resident count shows them), ``shmget``, the kernel keyrings
+  process's resident count shows them), ``shmget``, ``msgget``, ``semget`` and
+  ``io_uring_setup`` (kernel memory no process maps), ``inotify_init``/``fanotify_init``
+  (watches pin inodes in kernel caches), ``setsockopt`` of the
+  socket buffer sizes (queued data is kernel memory), the kernel keyrings
   (``add_key``, ``request_key``, ``keyctl``: keys outlive the run and may be
   readable by other uids), and ``clone``/``unshare`` with ``CLONE_NEWUSER`` (a
   user namespace of its own would give the program every capability there,
@@ -205,6 +210,9 @@ class TestOutcome:
     error: str = ""
     stdout: str | None = None  # stdin/stdout style, when status is "ok"
     returned: object = None  # function-call style: the return value, through JSON
+    # Function-call style, status "error": the built-in exception class the call raised, by name
+    # (None for any other class, or when the program wrote the record itself without it).
+    raised: str | None = None
 
 
 @dataclass(frozen=True)
@@ -489,7 +497,7 @@ def _execute(
 def _collect(
     output: _Output, limits: SandboxLimits, n_tests: int, stdio: bool, killed_for: str | None, oom_killed: bool
 ) -> ProgramRun:
-    records, malformed = _parse_records(output.results)
+    records, malformed = _parse_records(output.results, n_tests)
     supervisor, setup_error = _parse_control(bytes(output.control))
     if setup_error is not None:
         raise SandboxUnavailable(f"the sandbox could not be set up: {setup_error}")
@@ -515,7 +523,9 @@ def _collect(
         if stdio and record["status"] == "ok" and stdout is None:
             tests.append(TestOutcome("error", "stdout missing, not a regular file, or over the size limit"))
             continue
-        tests.append(TestOutcome(record["status"], record["error"], stdout, record.get("returned")))
+        raised = record.get("raised")
+        tests.append(TestOutcome(record["status"], record["error"], stdout, record.get("returned"),
+                                 raised if isinstance(raised, str) else None))
     return ProgramRun(
         tests=tuple(tests),
         compile_error=compile_record["error"] if compile_record else None,

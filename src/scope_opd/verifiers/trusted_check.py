@@ -8,8 +8,14 @@ back. So the verdict depends only on plain values compared by trusted code:
 
 * a return value must be built from exact built-in types (None, bool, int,
   float, str, bytes, complex, list, tuple, set, frozenset, dict); anything else
-  (an object with its own ``__eq__``, a subclass of int or str) is an error for
-  that call, raised in the check as :class:`CandidateError`;
+  (an object with its own ``__eq__``, a subclass of int or str), or a value too
+  large to bring back, fails the check outright: not raised in it as an
+  exception, which a check expecting one would catch as a pass;
+* an exception the candidate raised is raised in the check as a
+  :class:`CandidateError` that is also an instance of the exception's class
+  when that class is exactly a built-in one (``except ValueError`` in a check
+  catches the candidate's ``ValueError``, not a class of the candidate's own
+  that is merely named so);
 * patched builtins, ``sys.exit`` or ``os._exit``, output imitating the harness,
   frames inspected to read the expected values: all of that happens in the
   sandbox, where neither the check's source nor its verdict is;
@@ -41,6 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._sandbox_io import RETURN_VALUE_ERROR_PREFIX
 from .registry import InvalidGoldError
 from .sandbox import SandboxLimits, run_program
 
@@ -159,8 +166,11 @@ def run_trusted_check(
             for key, outcome in zip(pending, run.tests):
                 if outcome.status == "ok":
                     outcomes[key] = {"returned": outcome.returned}
+                elif outcome.status == "error" and outcome.error.startswith(RETURN_VALUE_ERROR_PREFIX):
+                    # Not an exception of the candidate's: a check that expects one must not catch it as a pass.
+                    return CheckVerdict(False, f"a call of {fn_name} returned what cannot be checked: {outcome.error}")
                 elif outcome.status == "error":
-                    outcomes[key] = {"error": outcome.error}
+                    outcomes[key] = {"error": outcome.error, "raised": outcome.raised}
                 else:  # a timeout, or the run ended before this call: fails whatever the check would do
                     return CheckVerdict(False, f"a call of {fn_name} did not finish: {outcome.error}")
             driver.answer(outcomes)
