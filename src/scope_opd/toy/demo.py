@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..version import provenance, provenance_lines
+
 METHODS = ("scope", "opd", "grpo", "kd")
 # Paper Fig. 5 ablations, as SCOPEConfig overrides.
 ABLATIONS = {
@@ -693,6 +695,8 @@ def run_demo(out: Path, *, seeds: int | None = None, ablations: bool = False, ta
     summary["run"] = {"workers": workers, "build_seconds": build_seconds,
                       "load_average_at_end": list(os.getloadavg())}
     summary["wall_seconds"] = time.perf_counter() - started
+    # Versions, machine, commit: other torch / transformers versions give other numbers for the same seeds.
+    summary["provenance"] = provenance()
 
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     _plot_pass_at_k(summary, out / "pass_at_k.png")
@@ -921,6 +925,10 @@ def render_report(summary: dict) -> str:
         f"- verifier: `{s['verifier']}`; held-out curve every {s['curve_every']} steps on {s['curve_problems']} "
         f"problems x {s['curve_samples']} samples, first {s['curve_seeds']} seed(s)",
         f"- wall time: {summary['wall_seconds'] / 60:.1f} min ({_run_line(summary)})",
+        "",
+        "## Produced by",
+        "",
+        *(provenance_lines(summary["provenance"]) if "provenance" in summary else []),
         "",
         "Plots: `pass_at_k.png` (Pass@k for k = 1..K, like paper Fig. 4) and `training_curves.png` (held-out "
         "accuracy every few steps on a small held-out set, and the policy entropy the trainer logs, like Fig. 3). "
