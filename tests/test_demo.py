@@ -157,7 +157,7 @@ def _comparison(avg_ci, pass_ci):
 
 
 def test_paper_ordering_is_judged_on_the_paired_intervals():
-    from scope_opd.toy.demo import paper_ordering
+    from scope_opd.demo import paper_ordering
 
     above, around, below = [0.01, 0.05], [-0.02, 0.03], [-0.04, -0.01]
     holds = paper_ordering({"scope-opd": _comparison(above, around), "opd-grpo": _comparison(above, above),

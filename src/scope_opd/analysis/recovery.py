@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
 from ..evaluation.benchmarks import ProblemSet
-from ..evaluation.sampling import SamplingSettings, encode_prompts, generate_completions
+from ..sampling import SamplingSettings, encode_prompts, generate_completions
 from ..version import __version__
 
 __all__ = [

@@ -29,7 +29,7 @@ from ..metrics import benchmark_scores, default_ks
 from ..version import __version__, provenance
 from .benchmarks import ProblemSet, UnavailableError
 from .humaneval import HUMANEVAL_VERIFIER
-from .sampling import PAPER_SAMPLING, SamplingSettings, generate_completions, vllm_generate_completions
+from ..sampling import PAPER_SAMPLING, SamplingSettings, generate_completions, vllm_generate_completions
 
 __all__ = [
     "BACKENDS",
