@@ -372,6 +372,15 @@ def test_evaluate_model_in_process_with_a_loaded_model(tiny_model, fixture_verif
     assert set(toy["pass"]) == {"1", "2", "4"}
     assert toy["avg"] == pytest.approx(sum(r["correct"] for r in result.records) / 12)
     assert result.results["model"] and result.results["sampling"]["n"] == 4
+    # What produced the numbers: the libraries' own version strings (other versions, other samples).
+    import os
+
+    import torch
+    import transformers
+
+    versions = result.results["provenance"]["versions"]
+    assert versions["torch"] == torch.__version__ and versions["transformers"] == transformers.__version__
+    assert result.results["provenance"]["machine"]["cores"] == os.cpu_count()
 
 
 def _check_outputs_against_recomputation(out: Path, *, n: int, ks: list[int], benchmark: str, num_problems: int):
