@@ -68,7 +68,7 @@ def _load(path):
 
 
 def sample(model, tokenizer, problems, n: int, max_new_tokens: int, seed: int = 0):
-    from scope_opd.evaluation.sampling import SamplingSettings, generate_completions
+    from scope_opd.sampling import SamplingSettings, generate_completions
 
     settings = SamplingSettings(n=n, temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=max_new_tokens,
                                 batch_size=256, seed=seed, apply_chat_template=False)

@@ -89,7 +89,43 @@ def test_quick_addition_demo_is_the_smoke_test(tmp_path, cache, monkeypatch):
     # One seed: differences without intervals, and the report says nothing is tested.
     assert results["comparisons"]["scope-no-dpaw-scope"]["ci95"] is None
     assert results["signals"]["recovery"] is None
-    assert "One seed: no intervals" in (tmp_path / "demo" / "report.md").read_text()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "One seed: no intervals" in report
+    _assert_provenance(results, report)
+
+
+def _assert_provenance(results: dict, report: str) -> None:
+    """results.json and report.md name what produced the numbers: the libraries' own version strings,
+    this machine, and the commit git reports for the source tree the package was imported from."""
+    import os
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    import scope_opd
+
+    prov = results["provenance"]
+    expected = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "trl": trl.__version__,
+                "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    for name, version in expected.items():
+        assert prov["versions"][name] == version, name
+        assert f"{name} {version}" in report, name
+    assert prov["versions"]["math-verify"] and f"math-verify {prov['versions']['math-verify']}" in report
+    assert prov["machine"]["cores"] == os.cpu_count() and str(prov["machine"]["cores"]) + " cores" in report
+    assert prov["machine"]["cpu"] and prov["machine"]["cpu"] in report
+    source = Path(scope_opd.__file__).parent
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clone is one); an installed wheel has no commit
+        assert prov["git_commit"].split("+")[0] == head.stdout.strip() and head.stdout.strip() in report
+    else:
+        assert prov["git_commit"] is None
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -121,7 +157,7 @@ def _comparison(avg_ci, pass_ci):
 
 
 def test_paper_ordering_is_judged_on_the_paired_intervals():
-    from scope_opd.toy.demo import paper_ordering
+    from scope_opd.demo import paper_ordering
 
     above, around, below = [0.01, 0.05], [-0.02, 0.03], [-0.04, -0.01]
     holds = paper_ordering({"scope-opd": _comparison(above, around), "opd-grpo": _comparison(above, above),

@@ -42,7 +42,7 @@ from scope_opd.evaluation.benchmarks import (
 from scope_opd.evaluation.evaluate import aggregate_records, extract_answer
 from scope_opd.evaluation.humaneval import HUMANEVAL_VERIFIER, humaneval_program, humaneval_score
 from scope_opd.evaluation.report import compare, format_table
-from scope_opd.evaluation.sampling import format_prompts
+from scope_opd.sampling import format_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EVAL = FIXTURES / "eval"
@@ -272,7 +272,7 @@ def test_completion_is_cut_at_eos_and_truncation_is_flagged(tiny_pair_dir):
 def test_prompts_can_be_text_chat_messages_or_token_ids_and_prefixes_are_continued(tiny_model):
     from helpers import chat_tokenizer
 
-    from scope_opd.evaluation.sampling import encode_prompts
+    from scope_opd.sampling import encode_prompts
     from scope_opd.prompts import prompt_token_ids
 
     model, tokenizer = tiny_model
@@ -375,6 +375,15 @@ def test_evaluate_model_in_process_with_a_loaded_model(tiny_model, fixture_verif
     assert set(toy["pass"]) == {"1", "2", "4"}
     assert toy["avg"] == pytest.approx(sum(r["correct"] for r in result.records) / 12)
     assert result.results["model"] and result.results["sampling"]["n"] == 4
+    # What produced the numbers: the libraries' own version strings (other versions, other samples).
+    import os
+
+    import torch
+    import transformers
+
+    versions = result.results["provenance"]["versions"]
+    assert versions["torch"] == torch.__version__ and versions["transformers"] == transformers.__version__
+    assert result.results["provenance"]["machine"]["cores"] == os.cpu_count()
 
 
 def _check_outputs_against_recomputation(out: Path, *, n: int, ks: list[int], benchmark: str, num_problems: int):

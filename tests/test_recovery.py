@@ -25,7 +25,7 @@ from scope_opd.analysis import (
 )
 from scope_opd.cli import main as scope_main
 from scope_opd.evaluation import Problem, ProblemSet
-from scope_opd.evaluation.sampling import encode_prompts
+from scope_opd.sampling import encode_prompts
 
 RATIOS = ("0.2", "0.4", "0.6", "0.8")
 
@@ -127,7 +127,7 @@ def test_teacher_continues_the_students_prompt_ids_with_the_prefix_ids(style):
     from helpers import chat_tokenizer
 
     from conftest import build_tiny_qwen2
-    from scope_opd.evaluation.sampling import SamplingSettings, generate_completions
+    from scope_opd.sampling import SamplingSettings, generate_completions
 
     tokenizer = chat_tokenizer(style)
     student, teacher = build_tiny_qwen2(tokenizer, seed=0), build_tiny_qwen2(tokenizer, hidden_size=48, seed=1)

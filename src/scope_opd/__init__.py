@@ -5,8 +5,7 @@ The maths lives in :mod:`scope_opd.algorithms`; everything else calls it. ``SCOP
 """
 
 from .algorithms import dual_path_weights, opd_weights, scope_loss, sequence_mean_logp
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "SCOPEConfig",

@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "eval": ("scope_opd.evaluation.cli", "sample a model on benchmarks and report Avg@k / Pass@k"),
     "analyze": ("scope_opd.analysis.cli", "analyses from the paper (error recovery vs teacher perplexity)"),
     "serve-teacher": ("scope_opd.teachers.serve", "serve teacher prompt log-probs over an OpenAI-compatible API"),
-    "demo": ("scope_opd.toy.demo", "toy end-to-end comparison of SCOPE, OPD, GRPO and KD on CPU"),
+    "demo": ("scope_opd.demo", "toy end-to-end comparison of SCOPE, OPD, GRPO and KD on CPU"),
 }
 
 

@@ -89,7 +89,7 @@ def sft_row(prompt_ids: list[int], completion, *, stop_ids: set[int], eos_token_
 
 
 def _sampling_settings(args: SCOPEConfig, seed: int):
-    from .evaluation.sampling import SamplingSettings
+    from .sampling import SamplingSettings
 
     return SamplingSettings(
         n=args.kd_samples_per_prompt,
@@ -116,7 +116,7 @@ def _vllm_sample(args: SCOPEConfig, prompt_ids: list[list[int]], settings, world
         from vllm import LLM
     except ImportError as error:
         raise ValueError(f"use_vllm=True but vLLM cannot be imported ({error}); install vllm or set use_vllm=False") from error
-    from .evaluation.sampling import vllm_generate_completions
+    from .sampling import vllm_generate_completions
 
     llm = LLM(
         model=args.teacher_model,
@@ -154,7 +154,7 @@ def generate_teacher_dataset(
     ``args.device`` for sampling and back afterwards) or None with ``args.use_vllm``.
     ``student_model`` tells which EOS ids stop the student (its generation config).
     """
-    from .evaluation.sampling import generate_completions
+    from .sampling import generate_completions
     from .prompts import prompt_token_ids
     from .verifiers import RewardFunction, get_verifier
 

@@ -54,9 +54,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
-from .. import __version__
 from ..evaluation.benchmarks import ProblemSet
-from ..evaluation.sampling import SamplingSettings, encode_prompts, generate_completions
+from ..sampling import SamplingSettings, encode_prompts, generate_completions
+from ..version import __version__
 
 __all__ = [
     "BUCKETS",

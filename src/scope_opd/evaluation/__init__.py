@@ -20,7 +20,7 @@ from .benchmarks import (
     load_problems,
 )
 from .evaluate import EvalResult, aggregate_records, evaluate_model, load_model
-from .sampling import PAPER_SAMPLING, Completion, SamplingSettings, generate_completions, sample_completions
+from ..sampling import PAPER_SAMPLING, Completion, SamplingSettings, generate_completions, sample_completions
 
 __all__ = [
     "BENCHMARKS",

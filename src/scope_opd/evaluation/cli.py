@@ -225,7 +225,7 @@ def _run_compare(args) -> int:
 
 def _run_eval(args) -> int:
     from .evaluate import evaluate_model
-    from .sampling import SamplingSettings
+    from ..sampling import SamplingSettings
 
     if not args.model:
         raise ValueError("--model is required (or use `scope eval compare DIR...` / --list-benchmarks)")

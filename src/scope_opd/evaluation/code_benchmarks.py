@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from .benchmarks import BenchmarkSpec, Problem, UnavailableError
+from .problems import BenchmarkSpec, Problem, UnavailableError
 
 __all__ = [
     "CODEFORCES_LIST",
@@ -204,7 +204,7 @@ def build_codeforces_list(
 
 
 def _taco_test_rows(source: str):
-    from .benchmarks import read_rows
+    from .problems import read_rows
 
     path = Path(source).expanduser()
     if not path.is_dir():

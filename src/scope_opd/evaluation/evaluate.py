@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import __version__
 from ..metrics import benchmark_scores, default_ks
+from ..version import __version__, provenance
 from .benchmarks import ProblemSet, UnavailableError
 from .humaneval import HUMANEVAL_VERIFIER
-from .sampling import PAPER_SAMPLING, SamplingSettings, generate_completions, vllm_generate_completions
+from ..sampling import PAPER_SAMPLING, SamplingSettings, generate_completions, vllm_generate_completions
 
 __all__ = [
     "BACKENDS",
@@ -284,5 +284,7 @@ def evaluate_model(
         "sampling": asdict(settings),
         "ks": ks,
         "benchmarks": {name: scores_by_benchmark[name] for name in names},
+        # Other torch / transformers versions give other samples for the same seeds.
+        "provenance": provenance(),
     }
     return EvalResult(records=records, results=results)
