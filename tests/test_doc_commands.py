@@ -50,9 +50,18 @@ def doc_commands() -> list[tuple[str, str]]:
         in_block, pending, pending_start = False, "", 0
         for number, line in enumerate(lines, start=1):
             if line.lstrip().startswith("```"):
-                in_block, pending = not in_block, ""
+                # A block opens with its language; only shell blocks (or unlabelled ones) hold command lines:
+                # a ```text block is a listing (the layout page), not something to run.
+                shell = line.strip()[3:].strip() in ("", "bash", "sh", "shell", "console")
+                if in_block:
+                    in_block = ""
+                else:
+                    in_block = "in_shell_block" if shell else "in_other_block"
+                pending = ""
                 continue
             where = f"{path.relative_to(REPO)}:{number}"
+            if in_block == "in_other_block":
+                continue
             if in_block:
                 if pending:
                     line, where = pending + " " + line.strip(), pending_start

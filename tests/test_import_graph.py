@@ -44,7 +44,14 @@ def import_edges(package: Path = PACKAGE) -> set[tuple[str, str]]:
     edges = set()
     for name, path in files.items():
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        # Imports under `if TYPE_CHECKING:` never run (annotations only): they are not edges of the graph.
+        type_only = {id(inner) for node in ast.walk(tree)
+                     if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+                     for stmt in node.body for inner in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = name.split(".") if is_package else name.split(".")[:-1]
