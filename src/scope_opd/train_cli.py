@@ -126,12 +126,32 @@ def format_prompts(dataset, instruction: str, chat_prompt: bool):
     return dataset.map(fmt, desc="formatting prompts")
 
 
+NULL_SPELLINGS = ("null", "None")
+
+
+def _null_or_str(text: str) -> str | None:
+    return None if text in NULL_SPELLINGS else text
+
+
+def accept_null_for_optional_strings(parser) -> None:
+    """``--teacher_model null`` unsets a preset's teacher (to use ``--teacher_server_url`` instead).
+
+    The YAML presets spell "no value" ``null``; on the command line HfArgumentParser would keep it as the
+    string "null" (then a teacher named "null" and a server URL are both set, which SCOPEConfig refuses).
+    Every optional string field (default None) reads ``null`` / ``None`` as None.
+    """
+    for action in parser._actions:
+        if action.type is str and action.default is None:
+            action.type = _null_or_str
+
+
 def run_cli(argv: list[str], prog: str = "scope train") -> int:
     from trl import ModelConfig, TrlParser
 
     from .trainer import SCOPEConfig
 
     parser = TrlParser((TrainScriptArguments, SCOPEConfig, ModelConfig), prog=prog, description=__doc__)
+    accept_null_for_optional_strings(parser)
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     return train(script_args, training_args, model_args)
 
