@@ -142,6 +142,29 @@ def test_checkpoint_is_smollm2_with_its_chat_template_and_stop_token(smollm2, to
     assert again.stdout.strip().splitlines()[-1] == str(smollm2) and "building" not in again.stderr
 
 
+def test_math_verifier_reads_the_real_chat_models_decoded_assistant_turn(tokenizer):
+    """Rollouts as TRL hands them to the reward: the completion ids (ending in <|im_end|>) decoded without special
+    tokens, as an assistant message for a chat prompt; a text prompt gets the plain string. The verifier must find
+    the \\boxed{} answer in both and compare it with the generator's gold, never the chat markup's digits."""
+    from scope_opd.verifiers.reward import RewardFunction
+
+    rows = word_problems("test", 4, seed=2)
+    ids = [tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert all("<|im_end|>" not in t and t.rstrip().endswith("}.") for t in texts)
+    golds = [r["answer"] for r in rows]
+    wrong = [str(int(g) + 1) for g in golds]
+    with RewardFunction("math", timeout_s=30, max_workers=1) as reward:
+        chat = [[{"role": "assistant", "content": t}] for t in texts]
+        assert reward(prompts=[None] * 4, completions=chat, answer=golds) == [1.0] * 4
+        assert reward(prompts=[None] * 4, completions=chat, answer=wrong) == [0.0] * 4
+        assert reward(prompts=[None] * 4, completions=texts, answer=golds) == [1.0] * 4
+        # the same text with its stop token left in (a server or a decode that keeps special tokens)
+        kept = tokenizer.batch_decode(ids, skip_special_tokens=False)
+        assert all(t.endswith("<|im_end|>") for t in kept)
+        assert reward(prompts=[None] * 4, completions=kept, answer=golds) == [1.0] * 4
+
+
 # -- one step of each method on the paper preset ----------------------------------------------------------------
 
 
@@ -253,7 +276,8 @@ def test_serve_teacher_log_probs_equal_in_process_scoring_on_real_rows(serve_tea
 def test_opd_step_with_the_teacher_behind_scope_serve_teacher(smollm2, problems, serve_teacher_url, tmp_path, capfd):
     [step] = run_train(capfd, train_argv(smollm2, problems, tmp_path / "opd_server", "--algorithm", "opd",
                                          "--max_steps", "1", "--save_strategy", "no", "--teacher_model", "null",
-                                         "--teacher_server_url", serve_teacher_url))
+                                         "--teacher_server_url", serve_teacher_url,
+                                         "--teacher_tokenizer", str(smollm2)))  # the student/teacher check runs
     assert math.isfinite(float(step["loss"])) and float(step["scope/teacher_nonfinite_rows"]) == 0
 
 
