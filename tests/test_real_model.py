@@ -197,7 +197,8 @@ def test_scope_killed_mid_run_resumes_from_its_checkpoint(smollm2, problems, tmp
                                    stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 900
-        while select_resume_checkpoint(str(output_dir)) is None:
+        # checkpoints are staged and renamed into place: checkpoint-1 appears whole (a cheap poll, no hashing)
+        while not (output_dir / "checkpoint-1").is_dir():
             assert process.poll() is None, f"training ended before its first checkpoint:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint after 900 s"
             time.sleep(0.5)
@@ -211,6 +212,7 @@ def test_scope_killed_mid_run_resumes_from_its_checkpoint(smollm2, problems, tmp
     [first] = logged_steps(log.read_text())
     assert float(first["scope/teacher_nonfinite_rows"]) == 0 and math.isfinite(float(first["loss"]))
     assert not (output_dir / "checkpoint-2").exists()
+    assert Path(select_resume_checkpoint(str(output_dir))).name == "checkpoint-1"
 
     steps = run_train(capfd, [*argv, "--resume", "true"])
     assert len(steps) == 1 and float(steps[0]["epoch"]) > float(first["epoch"])  # step 2 only
