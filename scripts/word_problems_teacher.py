@@ -8,7 +8,7 @@ more often than the base model, which reasons at length and almost never writes 
 Cached at ${SCOPE_CACHE:-~/.cache/scope-opd}/smollm2-word-problems-teacher (built in a temporary folder and renamed,
 under a lock; `.complete` holds the recipe). Prints the folder as its last stdout line.
 
-  nice -n 10 python scripts/word_problems_teacher.py [--base DIR] [--steps 30] [--threads 1]
+  nice -n 10 python scripts/word_problems_teacher.py [--base DIR] [--steps 12] [--threads 1]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="SmolLM2 checkpoint (default: scripts/smollm2.sh's)")
     parser.add_argument("--rows", type=int, default=960, help="distinct train problems")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--threads", type=int, default=1)
