@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / "configs" / "paper" / "r1-distill-qwen-1.5b.yaml"
 BUILD_TIMEOUT_S = 1800  # cold: a 93 MB download and a dequantisation, minutes on a busy machine
 SERVER_BOOT_S = 900
+# vLLM's CPU kernels (its attention, fused RMSNorm/SiLU) sum in another order than transformers' eager fp32 forward;
+# over 30 layers and 100 completion tokens the log-probs differed by at most 4.3e-5 (mean 8.5e-6) here.
+VLLM_TOLERANCE = 1e-4
 # What makes the 1.5B GPU preset a CPU run of a few seconds per step; everything else is the preset's.
 CPU_OVERRIDES = [
     "--dtype", "float32", "--teacher_dtype", "float32", "--bf16", "false", "--use_cpu", "true",
@@ -301,10 +304,6 @@ def test_real_vllm_log_probs_equal_in_process_scoring_on_real_rows(smollm2, in_p
     expected = in_process_teacher.score(prompts, completions)
     assert max_abs_diff(served, expected) < VLLM_TOLERANCE, max_abs_diff(served, expected)
 
-
-# vLLM's CPU kernels (its attention, fused RMSNorm/SiLU) sum in another order than transformers' eager fp32 forward;
-# over 30 layers and 100 completion tokens the log-probs differed by at most 4.3e-5 (mean 8.5e-6) here.
-VLLM_TOLERANCE = 1e-4
 
 
 # -- evaluation and the recovery study ----------------------------------------------------------------------------
