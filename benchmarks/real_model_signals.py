@@ -142,7 +142,9 @@ def main() -> int:
     print("\n## Recovery study (paper Tables 6-7)\n")
     print(out[out.find("Teacher perplexity"):out.find("\nwrote")].strip() if "Teacher perplexity" in out else out[-2000:])
 
-    weights = [float(s["scope/student_weight_max"]) for s in steps if s.get("scope/student_weight_max") not in (None, 0)]
+    # the trainer logs values as text, and a step without a correct row logs a weight max of 0
+    weights = [float(s["scope/student_weight_max"]) for s in steps
+               if float(s.get("scope/frac_correct") or 0) > 0 and s.get("scope/student_weight_max") is not None]
     if weights:
         verdict = "stronger than" if max(weights) > TOY_STUDENT_WEIGHT_MAX else "no stronger than"
         print(f"\nstudent-guided weight max {max(weights):.3g} over {len(weights)} steps with a correct row: "
