@@ -7,8 +7,8 @@ it, and every request vLLM refuses it refuses with vLLM's status and error
 body ``{"error": {"message", "type", "param", "code"}}``; requests that need a
 generator it does not have get an honest 400 that says so.
 
-Endpoints (``/v1/...`` need ``Authorization: Bearer KEY`` when ``--api-key-env``
-is set; a wrong key is vLLM's ``401 {"error": "Unauthorized"}``):
+Endpoints (every route but ``/health`` needs ``Authorization: Bearer KEY`` when
+``--api-key-env`` is set; a wrong key is vLLM's ``401 {"error": "Unauthorized"}``):
 
 * ``POST /v1/completions``: ``"prompt"`` token ids, a list of such lists, a string
   or a list of strings (tokenized with ``add_special_tokens``, default true), at
@@ -30,8 +30,9 @@ is set; a wrong key is vLLM's ``401 {"error": "Unauthorized"}``):
   for a token: 400 "max_tokens must be at least 1, got 0", as vLLM.
 * ``GET /v1/models``: the model card, with ``max_model_len``.
 * ``POST /tokenize`` (``{"prompt": str, "add_special_tokens", "return_token_strs"}``)
-  and ``POST /detokenize`` (``{"tokens": [ids]}``), ``GET /version``,
-  ``GET /health`` (200, empty body): open, as in vLLM.
+  and ``POST /detokenize`` (``{"tokens": [ids]}``), ``GET /version``: open in vLLM,
+  keyed here (vLLM's key guards only ``/v1``; an open ``/tokenize`` lets anyone
+  without the key spend the server's memory). ``GET /health`` (200, empty body): open.
 
 Hostile load: the HTTP layer is an asyncio server (stdlib) with a listen backlog
 of 1024, a connection cap kept below the process's descriptor limit (a new
@@ -39,10 +40,14 @@ connection at the cap evicts the oldest connection that has no request in
 progress), a keep-alive idle timeout and a deadline for each request's headers
 and body, strict HTTP/1.1 header parsing (one ASCII ``Content-Length``, no
 ``Transfer-Encoding``), the route and the key checked before the body is read,
-caps on body bytes, prompt tokens and response bytes per request (413/400
-before any scoring where the size is known), and client disconnects logged at
-most once a minute. Request handling runs on a bounded thread pool; one worker
-thread owns the model and batches the rows that arrive together.
+bare-LF line endings refused with a 400, caps on body bytes, JSON values, text
+characters, prompt tokens and response bytes per request on every route
+(413/400 before any scoring or tokenizing where the size is known; ``stream``
+and a large ``n`` included), a budget for the large request bodies held at once,
+a connection whose client does not read its answer evictable after 1 s at the
+cap, and client disconnects logged at most once a minute. Request handling runs
+on a bounded thread pool of which one client address holds at most half; one
+worker thread owns the model and batches the rows that arrive together.
 """
 
 from __future__ import annotations
@@ -89,6 +94,13 @@ except ValueError as _nan_error:
 # Fewest bytes one prompt_logprobs entry can take ('"0": {"logprob": 0.0, "rank": 1, "decoded_token": null}'):
 # entries x this bounds a response from below before anything is scored.
 _MIN_ENTRY_BYTES = 50
+# Fewest bytes one choice takes, streamed or not ('{"index": 0, "text": "", "logprobs": null, ...}' is over
+# 140): choices x this bounds an answer from below, so a huge `n` is refused before anything is built.
+_MIN_CHOICE_BYTES = 100
+# Bodies up to this size never wait for the buffered-body budget: at most max_connections x this.
+SMALL_BODY_BYTES = 64 * 1024
+# JSON values a body may hold beyond --max-request-tokens (the token ids): keys, flags, prompt lists.
+_JSON_VALUES_SLACK = 4 * MAX_PROMPTS_PER_REQUEST + 4096
 # Fields that change which token greedy decoding picks, or how its text ends, with their no-op values.
 _GENERATION_FIELDS = {
     "logprobs": (None,),
@@ -124,7 +136,12 @@ class ServerLimits:
         max_body_bytes: a request body.
         max_request_tokens: prompt tokens in one request.
         max_response_bytes: one response body (413 when it would be larger).
-        worker_threads: requests parsed and answered at once.
+        worker_threads: requests parsed and answered at once; one client address
+            (the peer's IP) holds at most half of them, its other requests wait
+            without holding a thread.
+        max_buffered_body_bytes: request bodies over :data:`SMALL_BODY_BYTES`
+            held at once (read, parsed or being answered), all clients together;
+            a request that would pass it gets a 503 before its body is read.
     """
 
     max_connections: int = 1024
@@ -138,6 +155,7 @@ class ServerLimits:
     max_request_tokens: int = 2**20
     max_response_bytes: int = 64 * 2**20
     worker_threads: int = 8
+    max_buffered_body_bytes: int = 128 * 2**20
 
 
 class RequestError(Exception):
@@ -307,7 +325,9 @@ class TeacherService:
             raise RequestError(400, f"`prompt` must be a string, got {type(prompt).__name__}", param="prompt")
         tokenizer = self._need_tokenizer("/tokenize")
         add_special = self._bool(request, "add_special_tokens", True)
+        self._check_text_length([prompt])
         tokens = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        self._check_token_count(len(tokens))
         response = {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens, "token_strs": None}
         if self._bool(request, "return_token_strs", False):
             response["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
@@ -319,6 +339,7 @@ class TeacherService:
         tokens = request.get("tokens")
         if not isinstance(tokens, list):
             raise RequestError(400, "`tokens` must be a list of token ids", param="tokens")
+        self._check_token_count(len(tokens), param="tokens")
         self._check_ids(tokens, "tokens")
         return {"prompt": self._need_tokenizer("/detokenize").decode(tokens)}
 
@@ -384,14 +405,7 @@ class TeacherService:
         if greedy and n > 1:
             raise RequestError(400, f"n must be 1 when using greedy sampling, got {n}.")
 
-        total_tokens = sum(len(p) for p in prompts)
-        if total_tokens > limits.max_request_tokens:
-            raise RequestError(
-                400,
-                f"the request holds {total_tokens} prompt tokens, more than this server's --max-request-tokens "
-                f"{limits.max_request_tokens}; split it into smaller requests",
-                param="prompt",
-            )
+        self._check_token_count(sum(len(p) for p in prompts))
         for i, prompt in enumerate(prompts):
             if self.max_model_len is not None and len(prompt) > self.max_model_len:
                 raise RequestError(
@@ -454,17 +468,39 @@ class TeacherService:
         self._check_response_size(completion)
         return completion
 
+    def _check_token_count(self, count: int, param: str = "prompt") -> None:
+        if count > self.limits.max_request_tokens:
+            raise RequestError(
+                400,
+                f"the request holds {count} {'prompt ' if param == 'prompt' else ''}tokens, more than this server's "
+                f"--max-request-tokens {self.limits.max_request_tokens}; split it into smaller requests",
+                param=param,
+            )
+
+    def _check_text_length(self, texts: list[str]) -> None:
+        """Refuse text before tokenizing it: a tokenizer's memory grows with the characters, not the tokens kept."""
+        characters = sum(len(t) for t in texts)
+        if characters > self.limits.max_request_tokens:
+            raise RequestError(
+                400,
+                f"the request holds {characters} characters of text, more than this server's --max-request-tokens "
+                f"{self.limits.max_request_tokens} (text is refused before tokenizing it); send token ids or split "
+                "it into smaller requests",
+                param="prompt",
+            )
+
     def _check_response_size(self, completion: _Completion) -> None:
-        if completion.top_k is None or completion.stream:
-            return
-        entries = sum(max(len(p) - 1, 0) for p in completion.prompts) * completion.n
-        lower_bound = entries * (1 + completion.top_k) * _MIN_ENTRY_BYTES
+        choices = len(completion.prompts) * completion.n
+        entries = 0
+        if completion.top_k is not None and not completion.stream:
+            entries = sum(max(len(p) - 1, 0) for p in completion.prompts) * completion.n
+        lower_bound = entries * (1 + (completion.top_k or 0)) * _MIN_ENTRY_BYTES + choices * _MIN_CHOICE_BYTES
         if lower_bound > self.limits.max_response_bytes:
             raise RequestError(
                 413,
-                f"the answer would be over {lower_bound} bytes ({entries} prompt positions x {1 + completion.top_k} "
-                f"log-probs), more than this server's --max-response-bytes {self.limits.max_response_bytes}; "
-                "send fewer tokens per request or a smaller prompt_logprobs",
+                f"the answer would be over {lower_bound} bytes ({choices} choices, {entries} prompt positions x "
+                f"{1 + (completion.top_k or 0)} log-probs), more than this server's --max-response-bytes "
+                f"{self.limits.max_response_bytes}; send fewer tokens or a smaller n or prompt_logprobs per request",
                 error_type="PayloadTooLarge",
                 param="prompt",
             )
@@ -482,6 +518,7 @@ class TeacherService:
             if len(texts) > MAX_PROMPTS_PER_REQUEST:
                 raise self._too_many_prompts(len(texts))
             tokenizer = self._need_tokenizer("text prompts")
+            self._check_text_length(texts)
             add_special = self._bool(request, "add_special_tokens", True)
             sequences = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
         elif isinstance(prompt, list) and all(isinstance(p, list) for p in prompt):
@@ -710,7 +747,10 @@ def _is_int(value) -> bool:
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[!-~]*) HTTP/1\.([01])")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
-_GUARDED_PREFIX = "/v1"
+# Routes that answer without the key when one is set: a liveness probe carries no data.
+_OPEN_ROUTES = frozenset({"/health"})
+# A JSON string, escapes included: removed before counting the values a body holds.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 @dataclass
@@ -721,9 +761,36 @@ class _Request:
     headers: dict[bytes, bytes]
 
 
-def _parse_head(head: bytes, limits: ServerLimits) -> _Request:
+async def _read_head(first: bytes, reader: asyncio.StreamReader, limits: ServerLimits) -> list[bytes]:
+    """The request line and header lines, each ended by CRLF; a bare LF is a 400 at once, not a wait for CRLFCRLF."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            line = b""
+            size = limits.max_header_bytes + 1
+        size += len(line)
+        if size > limits.max_header_bytes:
+            raise _http_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                              f"request line and headers over {limits.max_header_bytes} bytes", close=True)
+        if first:
+            line, first = first + line, b""
+        if not line.endswith(b"\r\n"):
+            raise _http_error(HTTPStatus.BAD_REQUEST, "bare LF line ending: lines must end with CRLF", close=True)
+        if line == b"\r\n":
+            return lines
+        lines.append(line[:-2])
+        if len(lines) - 1 > limits.max_headers:
+            raise _http_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {limits.max_headers} headers",
+                              close=True)
+
+
+def _parse_head(lines: list[bytes], limits: ServerLimits) -> _Request:
     """Strict HTTP/1.1 request line and headers (RFC 9112): anything ambiguous is a 400."""
-    lines = head.split(b"\r\n")
+    if not lines:
+        raise _http_error(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
     match = _REQUEST_LINE.fullmatch(lines[0])
     if match is None:
         raise _http_error(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
@@ -782,26 +849,69 @@ class _RateLimitedLog:
 
 
 class _Connection:
-    __slots__ = ("writer", "state", "since")
+    __slots__ = ("writer", "state", "since", "client")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else str(peer)
         self.set("idle")
 
     def set(self, state: str) -> None:
-        self.state = state  # idle | reading | busy | evicted
+        self.state = state  # idle | reading | busy | writing | evicted
         self.since = time.monotonic()
 
     def evictable(self, now: float) -> bool:
         # A new client sends its request within milliseconds of connecting: only connections that have
-        # sat idle, or have been sending one request for a while (slowloris), make room for others.
-        return (self.state == "idle" and now - self.since >= _EVICTABLE_IDLE_S) or (
-            self.state == "reading" and now - self.since >= _EVICTABLE_READING_S
-        )
+        # sat idle, have been sending one request for a while (slowloris), or whose client has not taken
+        # its answer for a while (it does not read) make room for others.
+        return now - self.since >= _EVICTABLE_AFTER_S.get(self.state, math.inf)
 
 
-_EVICTABLE_IDLE_S = 0.25
-_EVICTABLE_READING_S = 1.0
+# Seconds in a state after which a connection may be closed for a newcomer at the cap. A client that
+# does not read its answer is evicted after 1 s, well inside ServerTeacher's ~7.5 s of retries.
+_EVICTABLE_AFTER_S = {"idle": 0.25, "reading": 1.0, "writing": 1.0}
+
+
+class _ClientShares:
+    """At most ``per_client`` requests of one client address on the worker pool; the rest wait in the loop."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._semaphores: dict[str, list] = {}  # address -> [semaphore, requests holding or waiting]
+
+    async def run(self, client: str, pool: ThreadPoolExecutor, function: Callable, *args):
+        entry = self._semaphores.setdefault(client, [asyncio.Semaphore(self.per_client), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._semaphores[client]
+
+
+class _BodyBudget:
+    """Bytes of large request bodies held at once (loop thread only, so no lock)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.held = total, 0
+
+    def reserve(self, length: int) -> int:
+        """The bytes reserved for a body of ``length`` (0 for a small one); raises a 503 when over budget."""
+        if length <= SMALL_BODY_BYTES:
+            return 0
+        if self.held + length > self.total:
+            raise RequestError(
+                503, f"the server holds {self.held} bytes of large request bodies; one of {length} bytes would pass its "
+                f"--max-buffered-request-bytes {self.total}: retry shortly", error_type="ServiceUnavailable", close=True,
+            )
+        self.held += length
+        return length
+
+    def release(self, reserved: int) -> None:
+        self.held -= reserved
 _ACCEPT_BATCH = 8
 
 
@@ -842,14 +952,16 @@ class TeacherHTTPServer:
         self._started, self._stopped = threading.Event(), threading.Event()
         self._log_disconnect = _RateLimitedLog("client connection dropped")
         self._log_loop_error = _RateLimitedLog("connection error")
-        self.counters = {"evicted": 0, "refused_at_cap": 0, "timed_out": 0, "disconnects": 0}
+        self._shares = _ClientShares(max(1, self.limits.worker_threads // 2))
+        self._body_budget = _BodyBudget(self.limits.max_buffered_body_bytes)
+        self.counters = {"evicted": 0, "refused_at_cap": 0, "timed_out": 0, "disconnects": 0, "over_body_budget": 0}
         self._routes: dict[str, dict[str, Callable]] = {
             "/health": {"GET": lambda body: (200, "application/json", b"")},
             "/version": {"GET": lambda body: self._json(self.service.version())},
             "/v1/models": {"GET": lambda body: self._json(self.service.models())},
-            "/v1/completions": {"POST": lambda body: (200, *self.service.completions(_load_json(body)))},
-            "/tokenize": {"POST": lambda body: self._json(self.service.tokenize(_load_json(body)))},
-            "/detokenize": {"POST": lambda body: self._json(self.service.detokenize(_load_json(body)))},
+            "/v1/completions": {"POST": lambda body: (200, *self.service.completions(self._load_json(body)))},
+            "/tokenize": {"POST": lambda body: self._json(self.service.tokenize(self._load_json(body)))},
+            "/detokenize": {"POST": lambda body: self._json(self.service.detokenize(self._load_json(body)))},
         }
 
     @property
@@ -860,6 +972,23 @@ class TeacherHTTPServer:
     @staticmethod
     def _json(body: dict) -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(body, allow_nan=False).encode()
+
+    def _load_json(self, body: bytes):
+        """Parse a body whose parsed size is bounded: at most --max-request-tokens plus a slack of JSON values.
+
+        A value costs up to ~70 bytes once parsed (an empty dict) for 3 bytes of JSON ('{},'), so a body's
+        values are counted (separators and containers outside strings) before ``json.loads`` builds them.
+        """
+        outside_strings = _JSON_STRING.sub(b'""', body)
+        values = outside_strings.count(b",") + outside_strings.count(b"[") + outside_strings.count(b"{")
+        allowed = self.limits.max_request_tokens + _JSON_VALUES_SLACK
+        if values > allowed:
+            raise RequestError(
+                400, f"request body holds about {values} JSON values, more than this server parses ({allowed}: "
+                f"--max-request-tokens {self.limits.max_request_tokens} plus {_JSON_VALUES_SLACK})",
+            )
+        del outside_strings
+        return _load_json(body)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -914,8 +1043,11 @@ class TeacherHTTPServer:
         if len(self._connections) >= self.max_connections and not self._evict_one():
             # Every connection has a request in progress: refuse this one now rather than queue it.
             self.counters["refused_at_cap"] += 1
-            await self._send_error(writer, _http_error(HTTPStatus.SERVICE_UNAVAILABLE,
-                                                       "too many connections; retry shortly", close=True))
+            try:
+                await self._send_error(connection, _http_error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                                               "too many connections; retry shortly", close=True))
+            except ConnectionError:  # the client left before its refusal: nothing to tell it
+                pass
             writer.transport.abort()
             return
         self._connections[connection] = None
@@ -923,7 +1055,7 @@ class TeacherHTTPServer:
             while await self._one_request(connection, reader, writer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-            if connection.state in ("reading", "busy"):
+            if connection.state in ("reading", "busy", "writing"):
                 self.counters["disconnects"] += 1
                 self._log_disconnect(f"{type(exc).__name__} while {connection.state}")
         except asyncio.CancelledError:
@@ -955,42 +1087,50 @@ class TeacherHTTPServer:
             return False  # idle too long, or the client closed between requests: both normal
         connection.set("reading")
         deadline = time.monotonic() + limits.request_read_timeout_s
+        reserved = 0
         try:
             try:
-                rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limits.request_read_timeout_s)
-            except asyncio.LimitOverrunError:
-                raise _http_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                  f"request line and headers over {limits.max_header_bytes} bytes", close=True) from None
-            request = _parse_head((first + rest)[:-4], limits)
-            handler = self._route(request)
-            length = _content_length(request)
-            if length > limits.max_body_bytes:
-                raise RequestError(413, f"request body of {length} bytes is over this server's --max-request-bytes "
-                                   f"{limits.max_body_bytes}", error_type="PayloadTooLarge", close=True)
-            body = b""
-            if length:
-                body = await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
-        except asyncio.TimeoutError:
-            self.counters["timed_out"] += 1
-            await self._send_error(writer, _http_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time",
-                                                       close=True))
-            return False
-        except RequestError as exc:
-            await self._send_error(writer, exc)
-            return False  # what follows on this connection cannot be trusted to be a request boundary
+                lines = await asyncio.wait_for(_read_head(first, reader, limits), limits.request_read_timeout_s)
+                request = _parse_head(lines, limits)
+                handler = self._route(request)
+                length = _content_length(request)
+                if length > limits.max_body_bytes:
+                    raise RequestError(413, f"request body of {length} bytes is over this server's --max-request-bytes "
+                                       f"{limits.max_body_bytes}", error_type="PayloadTooLarge", close=True)
+                try:
+                    reserved = self._body_budget.reserve(length)
+                except RequestError:
+                    self.counters["over_body_budget"] += 1
+                    raise
+                body = b""
+                if length:
+                    body = await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                self.counters["timed_out"] += 1
+                await self._send_error(connection, _http_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time",
+                                                               close=True))
+                return False
+            except RequestError as exc:
+                await self._send_error(connection, exc)
+                return False  # what follows on this connection cannot be trusted to be a request boundary
 
-        connection.set("busy")
-        try:
-            status, content_type, payload = await asyncio.get_running_loop().run_in_executor(self._pool, handler, body)
-            close = False
-        except RequestError as exc:
-            status, content_type, payload, close = exc.status, "application/json", json.dumps(exc.body()).encode(), exc.close
-        except Exception:
-            logger.exception("teacher server failed on %s %s", request.method, request.path)
-            error = RequestError(500, "internal server error", error_type="InternalServerError")
-            status, content_type, payload, close = 500, "application/json", json.dumps(error.body()).encode(), False
+            connection.set("busy")
+            try:
+                status, content_type, payload = await self._shares.run(connection.client, self._pool, handler, body)
+                close = False
+                if len(payload) > limits.max_response_bytes:  # every route: the completions path stops earlier
+                    raise TeacherService._too_large(limits.max_response_bytes)
+            except RequestError as exc:
+                status, content_type, payload, close = exc.status, "application/json", json.dumps(exc.body()).encode(), exc.close
+            except Exception:
+                logger.exception("teacher server failed on %s %s", request.method, request.path)
+                error = RequestError(500, "internal server error", error_type="InternalServerError")
+                status, content_type, payload, close = 500, "application/json", json.dumps(error.body()).encode(), False
+            del body
+        finally:
+            self._body_budget.release(reserved)
         keep_alive = request.keep_alive and not close
-        await self._send(writer, status, content_type, payload, keep_alive)
+        await self._send(connection, status, content_type, payload, keep_alive)
         return keep_alive
 
     def _route(self, request: _Request) -> Callable:
@@ -999,18 +1139,19 @@ class TeacherHTTPServer:
             raise _http_error(HTTPStatus.NOT_FOUND, close=_has_body(request))
         if request.method not in methods:
             raise _http_error(HTTPStatus.METHOD_NOT_ALLOWED, close=_has_body(request))
-        if self._api_key_hash is not None and request.path.startswith(_GUARDED_PREFIX):
+        if self._api_key_hash is not None and request.path not in _OPEN_ROUTES:
             scheme, _, token = request.headers.get(b"authorization", b"").partition(b" ")
             given = hashlib.sha256(token).digest()
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self._api_key_hash):
                 raise RequestError(401, "Unauthorized", body={"error": "Unauthorized"}, close=_has_body(request))
         return methods[request.method]
 
-    async def _send_error(self, writer: asyncio.StreamWriter, error: RequestError) -> None:
-        await self._send(writer, error.status, "application/json", json.dumps(error.body()).encode(), keep_alive=False)
+    async def _send_error(self, connection: _Connection, error: RequestError) -> None:
+        await self._send(connection, error.status, "application/json", json.dumps(error.body()).encode(), keep_alive=False)
 
-    async def _send(self, writer: asyncio.StreamWriter, status: int, content_type: str, payload: bytes,
+    async def _send(self, connection: _Connection, status: int, content_type: str, payload: bytes,
                     keep_alive: bool) -> None:
+        writer = connection.writer
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             f"content-type: {content_type}\r\ncontent-length: {len(payload)}\r\n"
@@ -1018,6 +1159,8 @@ class TeacherHTTPServer:
         ).encode()
         writer.write(head)
         writer.write(payload)
+        # Until the client has taken the answer (beyond the socket buffers) the connection may be evicted.
+        connection.set("writing")
         try:
             await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
         except asyncio.TimeoutError:
@@ -1134,7 +1277,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="cap on padded tokens per forward pass")
     parser.add_argument(
-        "--api-key-env", default=None, metavar="ENV_VAR", help="require 'Authorization: Bearer $ENV_VAR' on /v1 routes"
+        "--api-key-env", default=None, metavar="ENV_VAR", help="require 'Authorization: Bearer $ENV_VAR' on every route but /health"
     )
     parser.add_argument("--served-model-name", default=None, help="name for /v1/models and the 'model' field (default: --model)")
     parser.add_argument(
@@ -1151,7 +1294,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seconds from a request's first byte to its last")
     limits.add_argument("--max-request-bytes", type=int, default=defaults.max_body_bytes, help="request body cap")
     limits.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
-                        help="prompt tokens per request")
+                        help="prompt tokens per request; also the characters of text a request may hold")
+    limits.add_argument("--max-buffered-request-bytes", type=int, default=defaults.max_buffered_body_bytes,
+                        help=f"request bodies over {SMALL_BODY_BYTES // 1024} KiB held at once, all clients together "
+                        "(503 above it)")
     limits.add_argument("--max-response-bytes", type=int, default=defaults.max_response_bytes,
                         help="response body cap (413 above it)")
 
@@ -1164,6 +1310,7 @@ def _limits_from_args(args: argparse.Namespace) -> ServerLimits:
         max_body_bytes=args.max_request_bytes,
         max_request_tokens=args.max_request_tokens,
         max_response_bytes=args.max_response_bytes,
+        max_buffered_body_bytes=args.max_buffered_request_bytes,
     )
 
 
