@@ -46,14 +46,16 @@ characters, prompt tokens and response bytes per request on every route
 and a large ``n`` included), a budget for the large request bodies held at once,
 a connection whose client does not read its answer evictable after 1 s at the
 cap, and client disconnects logged at most once a minute. Request handling runs
-on a bounded thread pool of which one client address holds at most half; one
-worker thread owns the model and batches the rows that arrive together.
+on a bounded thread pool whose threads, when all are busy, go round robin to
+the waiting client addresses (a lone client uses them all); one worker thread
+owns the model and batches the rows that arrive together.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import hmac
 import importlib.metadata
@@ -136,9 +138,8 @@ class ServerLimits:
         max_body_bytes: a request body.
         max_request_tokens: prompt tokens in one request.
         max_response_bytes: one response body (413 when it would be larger).
-        worker_threads: requests parsed and answered at once; one client address
-            (the peer's IP) holds at most half of them, its other requests wait
-            without holding a thread.
+        worker_threads: requests parsed and answered at once; when all are busy,
+            a freed thread goes to the next waiting client address in turn.
         max_buffered_body_bytes: request bodies over :data:`SMALL_BODY_BYTES`
             held at once (read, parsed or being answered), all clients together;
             a request that would pass it gets a 503 before its body is read.
@@ -873,23 +874,55 @@ class _Connection:
 _EVICTABLE_AFTER_S = {"idle": 0.25, "reading": 1.0, "writing": 1.0}
 
 
-class _ClientShares:
-    """At most ``per_client`` requests of one client address on the worker pool; the rest wait in the loop."""
+class _FairPool:
+    """The worker pool's threads handed out round robin among client addresses (loop thread only).
 
-    def __init__(self, per_client: int) -> None:
-        self.per_client = per_client
-        self._semaphores: dict[str, list] = {}  # address -> [semaphore, requests holding or waiting]
+    Work-conserving: a lone client uses every thread (its throughput is the pool's). When threads are
+    all busy, waiting requests queue per client address, and each thread that frees up goes to the
+    next address in turn: a client that queued a hundred requests delays another client's request by
+    at most the requests already running, never by its whole queue.
+    """
 
-    async def run(self, client: str, pool: ThreadPoolExecutor, function: Callable, *args):
-        entry = self._semaphores.setdefault(client, [asyncio.Semaphore(self.per_client), 0])
-        entry[1] += 1
+    def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
+        self._pool, self._free = pool, threads
+        self._waiting: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+
+    async def run(self, client: str, function: Callable, *args):
+        await self._acquire(client)
         try:
-            async with entry[0]:
-                return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         finally:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._semaphores[client]
+            self._release()
+
+    async def _acquire(self, client: str) -> None:
+        if self._free and not self._waiting:
+            self._free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(client, collections.deque()).append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release()  # handed a thread as the connection went away: pass it on
+            else:
+                queue = self._waiting.get(client)
+                if queue is not None and turn in queue:
+                    queue.remove(turn)
+                    if not queue:
+                        del self._waiting[client]
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            client, queue = self._waiting.popitem(last=False)
+            turn = queue.popleft()
+            if queue:
+                self._waiting[client] = queue  # to the back of the round
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
 
 
 class _BodyBudget:
@@ -952,7 +985,7 @@ class TeacherHTTPServer:
         self._started, self._stopped = threading.Event(), threading.Event()
         self._log_disconnect = _RateLimitedLog("client connection dropped")
         self._log_loop_error = _RateLimitedLog("connection error")
-        self._shares = _ClientShares(max(1, self.limits.worker_threads // 2))
+        self._fair_pool = _FairPool(self._pool, self.limits.worker_threads)
         self._body_budget = _BodyBudget(self.limits.max_buffered_body_bytes)
         self.counters = {"evicted": 0, "refused_at_cap": 0, "timed_out": 0, "disconnects": 0, "over_body_budget": 0}
         self._routes: dict[str, dict[str, Callable]] = {
@@ -1116,7 +1149,7 @@ class TeacherHTTPServer:
 
             connection.set("busy")
             try:
-                status, content_type, payload = await self._shares.run(connection.client, self._pool, handler, body)
+                status, content_type, payload = await self._fair_pool.run(connection.client, handler, body)
                 close = False
                 if len(payload) > limits.max_response_bytes:  # every route: the completions path stops earlier
                     raise TeacherService._too_large(limits.max_response_bytes)
