@@ -460,6 +460,7 @@ def test_one_client_address_cannot_queue_its_work_ahead_of_another_clients(roomy
     # The order of answers is the test, not their time: a generous bound for a starved CI machine.
     response = requests.post(roomy_server.url + "/v1/completions", json=GOOD_BODY, timeout=120)
     assert response.status_code == 200, response.text
+    assert len(response.json()["choices"][0]["prompt_logprobs"]) == len(ROW)
     with lock:
         before_ours = list(finished)
     for thread in attackers:

@@ -116,7 +116,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoint")
     limits = parser.add_argument_group("limits against hostile or runaway clients")
     limits.add_argument("--max-connections", type=int, default=defaults.max_connections,
-                        help="open connections (kept below ulimit -n); at the cap the oldest idle one is closed")
+                        help="open connections (kept below ulimit -n); at the cap the oldest idle one (or one whose client "
+                        "does not read its answer) is closed")
     limits.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive_timeout_s,
                         help="seconds a connection may wait for its next request")
     limits.add_argument("--request-timeout", type=float, default=defaults.request_read_timeout_s,

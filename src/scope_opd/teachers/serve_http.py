@@ -6,16 +6,16 @@ answers (vLLM's API) lives in :mod:`scope_opd.teachers.serve_api`, and the comma
 
 Hostile load: the HTTP layer is an asyncio server (stdlib) with a listen backlog
 of 1024, a connection cap kept below the process's descriptor limit (a new
-connection at the cap evicts the oldest connection that has no request in
-progress), a keep-alive idle timeout and a deadline for each request's headers
+connection at the cap evicts the oldest connection that has sat idle, has been
+sending one request for over 1 s, or whose client has not taken its answer for
+1 s), a keep-alive idle timeout and a deadline for each request's headers
 and body, strict HTTP/1.1 header parsing (one ASCII ``Content-Length``, no
 ``Transfer-Encoding``), the route and the key checked before the body is read,
 bare-LF line endings refused with a 400, caps on body bytes, JSON values, text
 characters, prompt tokens and response bytes per request on every route
 (413/400 before any scoring or tokenizing where the size is known; ``stream``
 and a large ``n`` included), a budget for the large request bodies held at once,
-a connection whose client does not read its answer evictable after 1 s at the
-cap, and client disconnects logged at most once a minute. Request handling runs
+and client disconnects logged at most once a minute. Request handling runs
 on a bounded thread pool whose threads, when all are busy, go round robin to
 the waiting client addresses (a lone client uses them all); one worker thread
 owns the model and batches the rows that arrive together.
