@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -255,55 +255,61 @@ class _Connection:
 _EVICTABLE_AFTER_S = {"idle": 0.25, "reading": 1.0, "writing": 1.0}
 
 
-class _FairPool:
-    """The worker pool's threads handed out round robin among client addresses (loop thread only).
+class _FairExecutor:
+    """Worker threads that take requests round robin among client addresses.
 
-    Work-conserving: a lone client uses every thread (its throughput is the pool's). When threads are
-    all busy, waiting requests queue per client address, and each thread that frees up goes to the
-    next address in turn: a client that queued a hundred requests delays another client's request by
-    at most the requests already running, never by its whole queue.
+    Work-conserving: a lone client uses every thread (its throughput is the pool's). Requests queue
+    per client address, and each thread that frees up takes the next one of the next address in
+    turn, itself (no trip through the event loop): a client that queued a hundred requests delays
+    another client's request by the requests already running, not by its whole queue.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
-        self._pool, self._free = pool, threads
+    def __init__(self, threads: int) -> None:
+        self._ready = threading.Condition()
         self._waiting: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._stopped = False
+        self._threads = [threading.Thread(target=self._work, name=f"teacher-http_{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
-    async def run(self, client: str, function: Callable, *args):
-        await self._acquire(client)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
-        finally:
-            self._release()
+    def submit(self, client: str, function: Callable, *args) -> Future:
+        future: Future = Future()
+        with self._ready:
+            if self._stopped:
+                raise RuntimeError("teacher server is shutting down")
+            self._waiting.setdefault(client, collections.deque()).append((future, function, args))
+            self._ready.notify()
+        return future
 
-    async def _acquire(self, client: str) -> None:
-        if self._free and not self._waiting:
-            self._free -= 1
-            return
-        turn = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(client, collections.deque()).append(turn)
-        try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self._release()  # handed a thread as the connection went away: pass it on
+    def shutdown(self) -> None:
+        with self._ready:
+            self._stopped = True
+            for queue in self._waiting.values():
+                for future, _, _ in queue:
+                    future.cancel()
+            self._waiting.clear()
+            self._ready.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting and not self._stopped:
+                    self._ready.wait()
+                if self._stopped:
+                    return
+                client, queue = self._waiting.popitem(last=False)
+                future, function, args = queue.popleft()
+                if queue:
+                    self._waiting[client] = queue  # to the back of the round
+            if not future.set_running_or_notify_cancel():
+                continue  # the connection went away while it waited
+            try:
+                result = function(*args)
+            except BaseException as exc:  # handed to the request's coroutine, which answers it
+                future.set_exception(exc)
             else:
-                queue = self._waiting.get(client)
-                if queue is not None and turn in queue:
-                    queue.remove(turn)
-                    if not queue:
-                        del self._waiting[client]
-            raise
-
-    def _release(self) -> None:
-        while self._waiting:
-            client, queue = self._waiting.popitem(last=False)
-            turn = queue.popleft()
-            if queue:
-                self._waiting[client] = queue  # to the back of the round
-            if not turn.done():
-                turn.set_result(None)
-                return
-        self._free += 1
+                future.set_result(result)
 
 
 class _BodyBudget:
@@ -359,14 +365,13 @@ class TeacherHTTPServer:
         self.max_connections = _connection_cap(self.limits.max_connections)
         self._socket = socket.create_server(address, backlog=self.limits.backlog)
         self.server_address = self._socket.getsockname()
-        self._pool = ThreadPoolExecutor(self.limits.worker_threads, thread_name_prefix="teacher-http")
+        self._pool = _FairExecutor(self.limits.worker_threads)
         self._connections: dict[_Connection, None] = {}  # insertion order: oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._started, self._stopped = threading.Event(), threading.Event()
         self._log_disconnect = _RateLimitedLog("client connection dropped")
         self._log_loop_error = _RateLimitedLog("connection error")
-        self._fair_pool = _FairPool(self._pool, self.limits.worker_threads)
         self._body_budget = _BodyBudget(self.limits.max_buffered_body_bytes)
         self.counters = {"evicted": 0, "refused_at_cap": 0, "timed_out": 0, "disconnects": 0, "over_body_budget": 0}
         self._routes: dict[str, dict[str, Callable]] = {
@@ -428,7 +433,7 @@ class TeacherHTTPServer:
 
     def server_close(self) -> None:
         self._socket.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self.service.close()
 
     async def _serve(self) -> None:
@@ -530,7 +535,8 @@ class TeacherHTTPServer:
 
             connection.set("busy")
             try:
-                status, content_type, payload = await self._fair_pool.run(connection.client, handler, body)
+                status, content_type, payload = await asyncio.wrap_future(
+                    self._pool.submit(connection.client, handler, body))
                 close = False
                 if len(payload) > limits.max_response_bytes:  # every route: the completions path stops earlier
                     raise response_too_large(limits.max_response_bytes)
