@@ -123,14 +123,25 @@ def write_manifest(directory: str, *, kind: str, global_step: int | None = None)
 def read_manifest(directory: str) -> dict | None:
     """The manifest of ``directory``; None if there is none; ValueError naming the file if unreadable."""
     path = os.path.join(directory, MANIFEST_NAME)
+    if os.path.islink(path):  # it would be read (and trusted) wherever it points
+        raise ValueError(f"{path}: unreadable manifest (a symbolic link; a manifest is a file of its folder)")
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-        if not isinstance(manifest.get("files"), dict):
+        # O_NONBLOCK: a FIFO swapped in after the isfile check must not block the reader; fstat refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            manifest = json.loads(f.read())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no 'files' table")
-    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        for rel, entry in manifest["files"].items():
+            if not (isinstance(entry, dict) and type(entry.get("size")) is int and isinstance(entry.get("sha256"), str)):
+                raise ValueError(f"entry {rel[:200]!r} has no integer 'size' and string 'sha256'")
+    except RecursionError:
+        raise ValueError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{path}: unreadable manifest ({err})") from err
     return manifest
 
@@ -579,7 +590,9 @@ def atomic_publish(staging: str, target: str) -> None:
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         os.replace(os.path.join(staging, rel), destination)
     for rel in (old or {}).get("files", {}):
-        if rel not in new_files:
+        # The old manifest is whatever sits in target: an entry naming a path outside it ('../x', '/x',
+        # through a symlinked folder) would otherwise delete that file.
+        if rel not in new_files and not _escapes(target, rel):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(target, rel))
     for folder in {os.path.dirname(os.path.join(target, rel)) for rel in new_files}:

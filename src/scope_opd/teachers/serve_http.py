@@ -131,8 +131,12 @@ _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 # Routes that answer without the key when one is set: a liveness probe carries no data.
 _OPEN_ROUTES = frozenset({"/health"})
-# A JSON string, escapes included: removed before counting the values a body holds.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A JSON string, escapes included: removed before counting the values a body holds. Written so that
+# every match attempt succeeds (an unterminated string runs to the end of the body) and never backtracks
+# (possessive runs): the earlier '"(?:[^"\\]|\\.)*"' failed on an unterminated string and was retried
+# from each later quote, quadratic in a body of escaped quotes ('"\\"\\"...'), all under the GIL:
+# a 60 KB body froze every route for ~30 s. This one is linear: ~0.6 s for 32 MiB.
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 
 
 @dataclass

@@ -441,9 +441,19 @@ class ServerTeacher:
             self._count(requests=1)
             deadline = time.monotonic() + self.timeout_s
             try:
+                # allow_redirects=False: requests reads a redirect's body whole (decoded, past max_response_bytes,
+                # with no deadline) before following it, and re-sends the rows to wherever it points.
                 response = self._session().request(
-                    method, url, data=body, headers=headers, timeout=self.timeout_s, stream=True
+                    method, url, data=body, headers=headers, timeout=self.timeout_s, stream=True, allow_redirects=False
                 )
+                if 300 <= response.status_code < 400:
+                    response.close()
+                    self._count(failures=1)
+                    location = response.headers.get("Location", "")[:200]
+                    raise TeacherServerError(
+                        f"teacher server {url} answered a redirect (HTTP {response.status_code} to {location!r}) {what}; "
+                        "redirects are not followed: give the final URL", url=url, rows=rows,
+                    )
                 content = _read_body(response, deadline, self.timeout_s, self.max_response_bytes)
             except _AnswerRefused as exc:
                 self._count(failures=1)
@@ -477,6 +487,9 @@ class ServerTeacher:
             except _NotLogprobs as exc:
                 self._count(failures=1)
                 raise TeacherServerError(f"teacher server {url} {what}: {exc}", url=url, rows=rows) from None
+            except RecursionError:  # JSON nested deeper than the interpreter parses
+                reason = "malformed response: JSON nested too deeply"
+                continue
             except (ValueError, _MalformedResponse) as exc:
                 reason = f"malformed response: {exc}"
                 continue
