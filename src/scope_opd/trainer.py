@@ -400,12 +400,35 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)
+        self._warn_without_fp32_master_weights()
         self._last_rewards_per_func: torch.Tensor | None = None
         self.teacher = None
         self.verdict_reward_index = self._resolve_verdict_reward()
         if args.algorithm in ("scope", "opd"):
             self._set_student_logprob_temperature()
             self.teacher = self._build_teacher(teacher_model, teacher)
+
+    def _warn_without_fp32_master_weights(self):
+        """Warn when the optimiser would update bf16/fp16 parameters in place (no fp32 master copy).
+
+        transformers' Trainer keeps the parameters' own dtype under plain DDP / single device: with a bf16
+        model, parameters and Adam states are bf16 and most updates at lr 5e-5 round away (|update| < half
+        a bf16 ulp of the weight). DeepSpeed (bf16/fp16 with fp32 masters) and FSDP mixed precision keep
+        fp32 copies; a model loaded in float32 with ``bf16=True`` trains fp32 weights under bf16 autocast.
+        """
+        if self.is_deepspeed_enabled:
+            return  # DeepSpeed's bf16/fp16 optimisers keep fp32 master weights
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()
+                      if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        if low:
+            warnings.warn(
+                f"the trainable parameters are {'/'.join(low)} and no fp32 master copy exists (no DeepSpeed, and "
+                "FSDP / Trainer update parameters in their own dtype): the optimiser updates them and its Adam "
+                "states in that dtype, so most updates at small learning rates (5e-5) round away. Load the model "
+                "in float32 (`dtype: float32`; from_pretrained(..., dtype=torch.float32)) and keep `bf16: true` "
+                "for bf16 compute, or train under DeepSpeed with bf16",
+                stacklevel=3,
+            )
 
     def _resolve_verdict_reward(self) -> int | None:
         """Index of the reward that decides correct/incorrect (``args.verdict_reward``), for scope and opd.
@@ -507,14 +530,16 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if isinstance(teacher_model, PreTrainedModel):
             model = teacher_model
         else:
-            model = load_teacher_model(teacher_model or args.teacher_model, dtype=args.teacher_dtype)
+            # As TRL loads its reference model (device_map=None under DDP/DeepSpeed: zero.Init shards it under ZeRO-3).
+            model = load_teacher_model(teacher_model or args.teacher_model, dtype=args.teacher_dtype,
+                                       distributed_type=args.distributed_state.distributed_type)
         from .teachers import check_models_compatible
 
         check_models_compatible(self.model.config, model.config, student_name, teacher_name)
         model.eval()
         model.requires_grad_(False)
         # Placed and wrapped the way TRL prepares its reference model, so ZeRO-3 / FSDP shard it.
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        sharded = self._teacher_parameters_sharded()
         if self.is_deepspeed_enabled:
             model = prepare_deepspeed(model, self.accelerator)
         elif self.is_fsdp_enabled:
@@ -529,6 +554,19 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             # Sharded forwards are collectives: every rank runs as many as the busiest rank.
             synced_ranks=sharded and self.accelerator.num_processes > 1,
         )
+
+    def _teacher_parameters_sharded(self) -> bool:
+        """Whether the teacher's parameters are split across ranks once wrapped like TRL's reference model.
+
+        ZeRO-3 and FSDP (any strategy but NO_SHARD) shard them; TRL's ``prepare_deepspeed`` runs ZeRO-1/2
+        reference models at stage 0, whole on every rank, so their forwards are no collectives.
+        """
+        if self.is_deepspeed_enabled:
+            return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.is_fsdp_enabled:
+            strategy = getattr(self.accelerator.state.fsdp_plugin, "sharding_strategy", None)
+            return getattr(strategy, "name", None) != "NO_SHARD"
+        return False
 
     # ---- overlap / rollout log-probs: chunked generation with teacher scoring overlapped (teachers/overlap.py)
 

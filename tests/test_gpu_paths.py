@@ -1,0 +1,115 @@
+"""GPU-path mechanisms shown on CPU (issue 21): ZeRO teacher loading, fp32 master weights, synchronised phase
+timings, the overlap thread's device, and the GPU check's wheel list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from test_trainer import dataset, has_digit_reward, make_args
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- 21.1: the teacher under DeepSpeed ZeRO
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_teacher_loads_under_a_registered_zero_config_as_trls_reference_model(tmp_path, tiny_pair_dir, stage):
+    """A real DeepSpeed ZeRO config registered by TrainingArguments(deepspeed=...) (one CPU process, gloo):
+    under ZeRO-3 the trainer's teacher loads with no device_map, so zero.Init partitions every parameter while
+    it loads (transformers refuses any device_map there), and a SCOPETrainer wraps it in a DeepSpeedEngine and
+    scores with it; KD's teacher (an explicit device) loads whole. ZeRO-2 runs the teacher unsharded (TRL's
+    prepare_deepspeed uses stage 0 for it), so it does not count as sharded (synced_ranks stays off)."""
+    pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed==0.18.9 "
+                                            "(no ops compiled at install; see docs/incoming/h21.md, gpu)")
+    out = tmp_path / "zero"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + stage * 37 + os.getpid() % 500),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "dist_scripts" / "zero_teacher_load.py"),
+                           tiny_pair_dir["student"], tiny_pair_dir["teacher"], str(out), str(stage)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["distributed_type"].endswith("DEEPSPEED") and result["zero3_registered"] == (stage == 3)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"])
+    full_shapes = {n: list(p.shape) for n, p in teacher.named_parameters()}
+    assert {p["name"]: p["ds_shape"] for p in result["load"]} == full_shapes
+    if stage == 3:  # partitioned at load: zero.Init left an empty local tensor and the full shape in ds_shape
+        assert all(p["ds_status"].endswith("NOT_AVAILABLE") and p["numel"] == 0 for p in result["load"])
+    else:
+        assert all(p["ds_status"] == "None" and p["numel"] > 0 for p in result["load"])
+    assert result["load_frozen"]
+    assert {p["name"]: p["shape"] for p in result["replica"]} == full_shapes
+    assert not any(p["has_ds_status"] for p in result["replica"])
+    assert result["zero3_registered_after_replica"] == (stage == 3)
+    trainer = result["trainer"]
+    assert trainer["teacher_wrapper"] == "DeepSpeedEngine" and trainer["sharded"] == (stage == 3)
+    assert trainer["synced_ranks"] is False  # one process: nothing to pad for
+    # The wrapped (and, under ZeRO-3, gathered on the fly) teacher scores exactly as the plain model.
+    with torch.no_grad():
+        logits = teacher(torch.tensor([[5, 6, 7, 8]])).logits[0].float().log_softmax(-1)
+    expected = [logits[2, 8].item(), logits[3, 9].item()]  # input 5 6 7 8: position 2 predicts 8, 3 predicts 9
+    assert trainer["scores"] == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------- 21.2: fp32 master weights, bf16 compute
+
+
+def _preset_student(path, preset):
+    """The student as `scope train` loads it with this preset's `dtype` (train_cli: getattr(torch, dtype))."""
+    config = yaml.safe_load(preset.read_text())
+    dtype = config.get("dtype", "auto")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)), config
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_paper_presets_keep_fp32_master_weights_and_bf16_compute(tmp_path, tiny_pair_dir, preset):
+    """One real SCOPE step with the preset's student dtype, bf16 flag, lr and weight decay: parameters and Adam
+    states are float32, the forward runs in bf16, and every weight moves at lr 5e-5 (in bf16, |update| ~ 5e-5 is
+    below half an ulp of most weights and rounds away; weight decay alone, 5e-7 x w, always does)."""
+    student, config = _preset_student(tiny_pair_dir["student"], preset)
+    assert config["bf16"] is True and config["learning_rate"] == 5e-5 and config["weight_decay"] == 0.01
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    args = make_args(tmp_path, bf16=config["bf16"], learning_rate=config["learning_rate"],
+                     weight_decay=config["weight_decay"], lr_scheduler_type="constant", teacher_model=tiny_pair_dir["teacher"])
+    compute_dtypes = []
+    hook = student.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, inputs, output: compute_dtypes.append(output.dtype) if torch.is_grad_enabled() else None)
+    from scope_opd.trainer import SCOPETrainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "no fp32 master copy" warning either
+        warnings.filterwarnings("ignore", message="(?!the trainable parameters)")
+        trainer = SCOPETrainer(student, reward_funcs=[has_digit_reward], args=args, train_dataset=dataset(),
+                               processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+    trainer.train()
+    hook.remove()
+    assert compute_dtypes and set(compute_dtypes) == {torch.bfloat16}
+    params = dict(trainer.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    states = [s for s in trainer.optimizer.state.values() if s]
+    assert states and {t.dtype for s in states for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")} == {torch.float32}
+    unchanged = [n for n, p in params.items() if torch.equal(p.detach(), before[n])]
+    assert unchanged == []
+    for name, p in params.items():  # and no element stayed put
+        assert (p.detach() != before[name]).all(), f"{name}: {(p.detach() == before[name]).sum().item()} weights did not move"
+
+
+def test_a_bf16_student_without_master_copy_warns_with_the_fix(tmp_path, tiny_pair_dir):
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"], dtype=torch.bfloat16)
+    from scope_opd.trainer import SCOPETrainer
+
+    with pytest.warns(UserWarning, match=r"trainable parameters are bfloat16 and no fp32 master copy.*dtype: float32"):
+        SCOPETrainer(student, reward_funcs=[has_digit_reward], args=make_args(tmp_path, teacher_model=tiny_pair_dir["teacher"]),
+                     train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
