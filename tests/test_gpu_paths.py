@@ -113,3 +113,62 @@ def test_a_bf16_student_without_master_copy_warns_with_the_fix(tmp_path, tiny_pa
     with pytest.warns(UserWarning, match=r"trainable parameters are bfloat16 and no fp32 master copy.*dtype: float32"):
         SCOPETrainer(student, reward_funcs=[has_digit_reward], args=make_args(tmp_path, teacher_model=tiny_pair_dir["teacher"]),
                      train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+
+
+# ---------------------------------------------------------------- 21.4: the overlap thread's device
+
+
+class _PerThreadDevice:
+    """Stand-in for ``torch.cuda``'s current-device query, per thread as CUDA's is.
+
+    This is the one mock here, and why: the current device is per-thread state that only an accelerator runtime
+    keeps (a new thread starts on device 0); a CPU build has no such state to read, so on CPU the only way to see
+    which device the scoring thread made current is to record the call that sets it.
+    """
+
+    def __init__(self):
+        import threading
+
+        self._local = threading.local()
+
+    def set_device(self, device):
+        self._local.index = torch.device(device).index if not isinstance(device, int) else device
+
+    def current_device(self):
+        return getattr(self._local, "index", 0)  # what a fresh CUDA thread reports
+
+
+def test_the_overlap_thread_runs_on_the_teachers_device(monkeypatch):
+    from scope_opd.teachers.overlap import TeacherPrefetch
+
+    cuda = _PerThreadDevice()
+    real_get_device_module = torch.get_device_module
+    monkeypatch.setattr(torch, "get_device_module", lambda kind=None: cuda if str(kind) == "cuda" else real_get_device_module(kind))
+    seen = []
+
+    class TeacherOnRank3:
+        device = torch.device("cuda", 3)
+
+        def score(self, prompt_ids, completion_ids):
+            seen.append(cuda.current_device())
+            return [torch.zeros(len(c)) for c in completion_ids]
+
+    prefetch = TeacherPrefetch(TeacherOnRank3())
+    prefetch.submit([0, 1], [[1, 2], [3]], [[4], [5, 6]])
+    scores = prefetch.scores([0, 1], [[1, 2], [3]], [[4], [5, 6]])
+    prefetch.close()
+    assert [s.shape[0] for s in scores] == [1, 2]
+    assert seen == [3]  # the background thread's current device is the teacher's
+    assert cuda.current_device() == 0  # and the trainer's thread was left alone
+
+
+def test_the_overlap_thread_leaves_cpu_and_server_teachers_alone(tiny_pair_dir):
+    from scope_opd.teachers import InProcessTeacher, load_teacher_model
+    from scope_opd.teachers.overlap import TeacherPrefetch
+
+    teacher = InProcessTeacher(load_teacher_model(tiny_pair_dir["teacher"], dtype="float32", device="cpu"))
+    prefetch = TeacherPrefetch(teacher)
+    prefetch.submit([0], [[5, 6, 7]], [[8, 9]])
+    got = prefetch.scores([0], [[5, 6, 7]], [[8, 9]])
+    prefetch.close()
+    assert torch.equal(got[0], teacher.score([[5, 6, 7]], [[8, 9]])[0])
