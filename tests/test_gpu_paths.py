@@ -172,3 +172,48 @@ def test_the_overlap_thread_leaves_cpu_and_server_teachers_alone(tiny_pair_dir):
     got = prefetch.scores([0], [[5, 6, 7]], [[8, 9]])
     prefetch.close()
     assert torch.equal(got[0], teacher.score([[5, 6, 7]], [[8, 9]])[0])
+
+
+# ---------------------------------------------------------------- 21.3: phase timings wait for the device
+
+
+def test_phase_timings_wait_for_queued_device_work_at_every_boundary(tmp_path, tiny_pair_dir):
+    """A stand-in asynchronous device: the update's forward, backward and optimiser step each queue 0.2 s of
+    "kernel" work that only runs when the trainer synchronises the device. Every step's queue is empty by the
+    time the step ends (the trainer waited at the phase boundaries), and "update" holds all of it.
+
+    Why a stand-in: on CPU every op runs synchronously, so there is no queued work for a missing
+    synchronisation to leave out; the device queue and its ``synchronize`` are the only mock here (the trainer,
+    the model, TRL and the optimiser are real)."""
+    import time as time_module
+
+    from transformers import TrainerCallback
+
+    from scope_opd.trainer import SCOPETrainer
+
+    queued = []  # seconds of "kernel" work not yet run
+    drained_at_step_end = []
+
+    class AsyncDeviceTrainer(SCOPETrainer):
+        def _sync_device(self):
+            if queued:
+                time_module.sleep(sum(queued))
+                queued.clear()
+
+    class QueueAtStepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            drained_at_step_end.append(not queued)
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"])
+    student.register_forward_hook(lambda *a: queued.append(0.2) if torch.is_grad_enabled() else None)
+    student.model.embed_tokens.weight.register_hook(lambda grad: queued.append(0.2))  # the backward pass
+    args = make_args(tmp_path, max_steps=2, teacher_model=tiny_pair_dir["teacher"])
+    trainer = AsyncDeviceTrainer(student, reward_funcs=[has_digit_reward], args=args, train_dataset=dataset(),
+                                 processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]),
+                                 callbacks=[QueueAtStepEnd()])
+    trainer.create_optimizer()
+    trainer.optimizer.register_step_post_hook(lambda *a: queued.append(0.2))
+    trainer.train()
+    assert drained_at_step_end == [True, True]
+    updates = [h["timing/update"] for h in trainer.state.log_history if "timing/update" in h]
+    assert len(updates) == 2 and all(u >= 0.6 for u in updates)  # forward + backward + optimiser step, 0.2 s each

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
@@ -344,6 +344,16 @@ class SCOPEConfig(GRPOConfig):
                           stacklevel=3)
 
 
+class _OptimizerStepTiming(TrainerCallback):
+    """Closes each optimiser step's phase timings once ``optimizer.step()`` has run (see ``_log_phase_timings``)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._log_phase_timings()
+
+
 class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose loss is SCOPE's (or OPD's), with a teacher scoring the student's rollouts.
 
@@ -401,6 +411,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)
         self._warn_without_fp32_master_weights()
+        self.add_callback(_OptimizerStepTiming(self))
         self._last_rewards_per_func: torch.Tensor | None = None
         self.teacher = None
         self.verdict_reward_index = self._resolve_verdict_reward()
@@ -689,12 +700,28 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ phase timings (paper Table 8)
 
+    def _sync_device(self):
+        """Wait for the work queued on this process's accelerator (nothing to wait for on CPU)."""
+        device = self.accelerator.device
+        if device.type != "cpu":
+            torch.get_device_module(device.type).synchronize()
+
+    def _clock(self) -> float:
+        """``perf_counter`` once the device's queued work is done.
+
+        Kernels run asynchronously: without the wait, a phase would be charged for the work of the phase before
+        it (whichever first waits for a result), and the backward pass and the optimiser step, which nothing
+        waits for, for none at all.
+        """
+        self._sync_device()
+        return time.perf_counter()
+
     def _timed(self, phase: str, fn, *a, **kw):
-        start = time.perf_counter()
+        start = self._clock()
         try:
             return fn(*a, **kw)
         finally:
-            self._phase_seconds[phase] += time.perf_counter() - start
+            self._phase_seconds[phase] += self._clock() - start
 
     def _generate(self, prompts):
         return self._timed("generation", super()._generate, prompts)
@@ -730,15 +757,24 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         return self._timed(phase, super()._get_per_token_logps_and_entropies, model, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch):
-        start = time.perf_counter()
+        start = self._clock()
         before = sum(self._phase_seconds.values())
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Whatever this call spent outside rollout/verify/teacher phases is forward+backward.
-        self._phase_seconds["update"] += (time.perf_counter() - start) - (sum(self._phase_seconds.values()) - before)
-        if self.accelerator.sync_gradients:
-            for phase in ("generation", "old_logprob", "ref_logprob", "reward", "teacher", "update"):
-                self._metrics["train"][f"timing/{phase}"].append(self._phase_seconds.pop(phase, 0.0))
+        self._training_step_ended = self._clock()
+        self._phase_seconds["update"] += (self._training_step_ended - start) - (sum(self._phase_seconds.values()) - before)
         return loss
+
+    _training_step_ended = None
+
+    def _log_phase_timings(self):
+        """At the optimiser step (``_OptimizerStepTiming``): add gradient clipping and ``optimizer.step()``, which
+        transformers runs after the window's last ``training_step``, to "update", and log the step's phases."""
+        if self._training_step_ended is not None:
+            self._phase_seconds["update"] += self._clock() - self._training_step_ended
+            self._training_step_ended = None
+        for phase in ("generation", "old_logprob", "ref_logprob", "reward", "teacher", "update"):
+            self._metrics["train"][f"timing/{phase}"].append(self._phase_seconds.pop(phase, 0.0))
 
     # ------------------------------------------------------------------ steps 2-5: verdicts, teacher, weights
 
@@ -816,9 +852,9 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
         lengths = completion_mask.sum(dim=1).tolist()
         completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
-        start = time.perf_counter()
+        start = self._clock()
         scored = self._teacher_scores(row_index, prompt_ids, completions)
-        self._phase_seconds["teacher"] += time.perf_counter() - start
+        self._phase_seconds["teacher"] += self._clock() - start
         if len(scored) != len(row_index):
             raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
         for i, values in zip(row_index, scored):
