@@ -217,3 +217,87 @@ def test_phase_timings_wait_for_queued_device_work_at_every_boundary(tmp_path, t
     assert drained_at_step_end == [True, True]
     updates = [h["timing/update"] for h in trainer.state.log_history if "timing/update" in h]
     assert len(updates) == 2 and all(u >= 0.6 for u in updates)  # forward + backward + optimiser step, 0.2 s each
+
+
+# ---------------------------------------------------------------- 21.6: the GPU check's wheels cannot rot
+
+# On a lent GPU machine (issue 21): torch, transformers, accelerate, peft, Triton, and their own dependencies.
+PRESENT_ON_GPU_MACHINE = {
+    "torch", "transformers", "accelerate", "peft", "triton", "numpy", "tokenizers", "safetensors", "huggingface-hub",
+    "pyyaml", "requests", "tqdm", "filelock", "fsspec", "packaging", "jinja2", "psutil", "sympy", "httpx",
+    "typing-extensions", "regex",
+}
+# Not needed by benchmarks/gpu_check.sh, with why.
+NOT_NEEDED_ON_GPU_MACHINE = {
+    "matplotlib": "plots only (scope analyze); no check draws",
+    "typing": "python < 3.5 only",
+}
+
+
+def _name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name.lower().replace("_", "-")
+
+
+def _applies_on_the_gpu_machine(requirement: str) -> bool:
+    from packaging.requirements import Requirement
+
+    marker = Requirement(requirement).marker
+    environment = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+                   "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+                   "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+    return marker is None or marker.evaluate(environment)
+
+
+def test_gpu_wheel_list_covers_the_projects_dependencies_there():
+    """Every requirement of the project, and of each wheel shipped, is shipped, present there, or not needed."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            requirement = Requirement(line)
+            assert len(requirement.specifier) == 1 and next(iter(requirement.specifier)).operator == "==", line
+            pins[_name(line)] = next(iter(requirement.specifier)).version
+    covered = set(pins) | PRESENT_ON_GPU_MACHINE | set(NOT_NEEDED_ON_GPU_MACHINE)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted({_name(r) for r in project} - covered) == []
+    # The project's own pins (trl==1.16.0) are the versions shipped.
+    for requirement in map(Requirement, project):
+        if _name(str(requirement)) in pins:
+            assert requirement.specifier.contains(pins[_name(str(requirement))]), (str(requirement), pins)
+    # Each shipped package's requirements (as its installed metadata here states them), and that the pin
+    # satisfies the requirements of the packages that need it.
+    missing = {}
+    for dist in pins:
+        try:
+            requires = importlib.metadata.requires(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here (e.g. pandas's pytz): its requirements are checked on the wheels
+        for requirement in requires:
+            if "extra ==" in requirement or not _applies_on_the_gpu_machine(requirement):
+                continue
+            if _name(requirement) not in covered:
+                missing.setdefault(dist, []).append(requirement)
+    assert missing == {}
+    trl_requires = [Requirement(r) for r in importlib.metadata.requires("trl") if "extra ==" not in r]
+    for requirement in trl_requires:
+        if _name(str(requirement)) in pins:
+            assert requirement.specifier.contains(pins[_name(str(requirement))], prereleases=True), str(requirement)
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh --dry-run` end to end on CPU (tiny shapes): a summary line per check, exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stderr[-3000:]
+    for check in ("install:", "step_paper: ok", "microbatch: ok", "fused_logits: ok", "smollm2_shape:", "not checked here:"):
+        assert check in summary, summary
+    assert "SCOPE/GRPO step ratio:" in summary and "measured wall time" in summary
