@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .in_process import InProcessTeacher, TokenScores, _unwrap
+from .in_process import InProcessTeacher, TokenScores, _split_rows, _unwrap
 
 __all__ = ["ChunkedTeacherScorer"]
 
@@ -164,20 +164,7 @@ class ChunkedTeacherScorer(InProcessTeacher):
         del hidden
         logprobs, ranks, top_ids, top_logprobs = self.tiled_scores(completion_hidden, targets, top_k, with_ranks)
 
-        out = []
-        start = 0
-        for _, completion in rows:
-            end = start + len(completion)
-            out.append(
-                TokenScores(
-                    logprobs=logprobs[start:end],
-                    ranks=None if ranks is None else ranks[start:end],
-                    top_ids=None if top_ids is None else top_ids[start:end],
-                    top_logprobs=None if top_logprobs is None else top_logprobs[start:end],
-                )
-            )
-            start = end
-        return out
+        return _split_rows(rows, logprobs, ranks, top_ids, top_logprobs)
 
     def _head_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """``[tokens, end - start]`` float32 logits of vocabulary entries ``start:end`` (the model's own, temperature 1)."""

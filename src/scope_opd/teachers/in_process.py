@@ -311,20 +311,7 @@ class InProcessTeacher:
             flat_logits, flat_index = self._completion_logits(input_ids, attention_mask, targets_at, rows)
             logprobs, ranks, top_ids, top_logprobs = self._token_scores(flat_logits, flat_index, targets, top_k, with_ranks)
 
-        out = []
-        start = 0
-        for _, completion in rows:
-            end = start + len(completion)
-            out.append(
-                TokenScores(
-                    logprobs=logprobs[start:end],
-                    ranks=None if ranks is None else ranks[start:end],
-                    top_ids=None if top_ids is None else top_ids[start:end],
-                    top_logprobs=None if top_logprobs is None else top_logprobs[start:end],
-                )
-            )
-            start = end
-        return out
+        return _split_rows(rows, logprobs, ranks, top_ids, top_logprobs)
 
     def _check_vocab_range(self, row_numbers, rows, input_ids, targets) -> None:
         # An out-of-range id is a device-side assert on CUDA (the process is lost); fail here with the row instead.
@@ -417,6 +404,30 @@ class InProcessTeacher:
 def _as_ids(ids) -> list[int]:
     # Callers may hand over 1-D tensors; a list of 0-d tensors would be slow to re-tensorise.
     return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+def _split_rows(
+    rows: list[tuple[list[int], list[int]]],
+    logprobs: torch.Tensor,
+    ranks: torch.Tensor | None,
+    top_ids: torch.Tensor | None,
+    top_logprobs: torch.Tensor | None,
+) -> list[TokenScores]:
+    """Per-row :class:`TokenScores` from scores flattened row-major over every row's completion tokens."""
+    out = []
+    start = 0
+    for _, completion in rows:
+        end = start + len(completion)
+        out.append(
+            TokenScores(
+                logprobs=logprobs[start:end],
+                ranks=None if ranks is None else ranks[start:end],
+                top_ids=None if top_ids is None else top_ids[start:end],
+                top_logprobs=None if top_logprobs is None else top_logprobs[start:end],
+            )
+        )
+        start = end
+    return out
 
 
 def _empty_scores(top_k: int, with_ranks: bool) -> TokenScores:
