@@ -27,25 +27,9 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
-
-MIB = 2**20
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
+from _memory import MIB, peak_memory_of
 
 
 def measure(path: str, args, out_file: str) -> None:
@@ -62,21 +46,7 @@ def measure(path: str, args, out_file: str) -> None:
     teacher = InProcessTeacher(model, batch_size=args.rows, temperature=args.temperature, fused=path == "fused")
     assert teacher.fused == (path == "fused"), f"{path} path not available"
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = _rss_bytes("VmRSS")
-        _reset_peak_rss()
-    start = time.perf_counter()
-    scores = teacher.score(prompts, completions)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = _rss_bytes("VmHWM") - before
-    seconds = time.perf_counter() - start
+    scores, peak, seconds = peak_memory_of(device, lambda: teacher.score(prompts, completions))
     torch.save(torch.stack(scores), out_file + ".pt")
     with open(out_file, "w") as f:
         json.dump({"peak_bytes": peak, "seconds": seconds}, f)

@@ -33,26 +33,11 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
+from _memory import MIB, peak_memory_of
 
-MIB = 2**20
 VARIANTS = ("logits", "fused", "chunked", "chunked-top20")
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
 
 
 def measure(variant: str, args, out_file: str) -> None:
@@ -88,21 +73,7 @@ def measure(variant: str, args, out_file: str) -> None:
                 json.dump({"skipped": "TRL's fused head could not be installed on this model"}, f)
             return
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = _rss_bytes("VmRSS")
-        _reset_peak_rss()
-    start = time.perf_counter()
-    scores = teacher.score_tokens(prompts, completions, top_k=top_k)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = _rss_bytes("VmHWM") - before
-    seconds = time.perf_counter() - start
+    scores, peak, seconds = peak_memory_of(device, lambda: teacher.score_tokens(prompts, completions, top_k=top_k))
     torch.save(torch.stack([row.logprobs for row in scores]), out_file + ".pt")
     with open(out_file, "w") as f:
         json.dump({"peak_bytes": peak, "seconds": seconds}, f)
