@@ -87,3 +87,13 @@ def code_sandbox():
         return check_code_sandbox()
     except RuntimeError as err:  # SandboxUnavailable included
         pytest.skip(f"no code sandbox on this host: {err}")
+
+
+@pytest.fixture
+def contained():
+    """Skips the test where the sandbox has no private filesystem, pid 1 supervisor or seccomp filter (it says which)."""
+    from scope_opd.verifiers import describe_isolation, sandbox
+
+    if not sandbox._isolation().contained:
+        pytest.skip(f"no private filesystem, pid 1 supervisor or seccomp filter here ({describe_isolation()})")
+

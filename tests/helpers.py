@@ -72,3 +72,24 @@ def chat_tokenizer(style: str):
 def read_jsonl(path: str | Path) -> list[dict]:
     """Rows of a JSON-lines file (blank lines skipped)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def sandbox_runners(default_limits):
+    """``(run, stdout_of)`` for the sandbox tests: run a dedented program in the real sandbox under ``default_limits``.
+
+    ``run(source, inputs=("\\n",), limits=default_limits, **kwargs)`` is the :class:`ProgramRun`;
+    ``stdout_of(source, **kwargs)`` is its one test's stdout, asserted ``ok``.
+    """
+    import textwrap
+
+    from scope_opd.verifiers import sandbox
+
+    def run(source: str, inputs=("\n",), limits=default_limits, **kwargs) -> sandbox.ProgramRun:
+        return sandbox.run_program(textwrap.dedent(source), list(inputs), limits=limits, **kwargs)
+
+    def stdout_of(source: str, **kwargs) -> str:
+        result = run(source, **kwargs)
+        assert result.tests[0].status == "ok", result
+        return result.tests[0].stdout
+
+    return run, stdout_of

@@ -10,32 +10,20 @@ pid 1 and the run killed for memory.
 from __future__ import annotations
 
 import platform
-import textwrap
 import warnings
 
 import pytest
 
-from scope_opd.verifiers import RewardFunction, SandboxLimits, SandboxUnavailable, code_score, describe_isolation
+from helpers import sandbox_runners
+
+from scope_opd.verifiers import RewardFunction, SandboxLimits, SandboxUnavailable, code_score
 from scope_opd.verifiers import sandbox
 
 LIMITS = SandboxLimits(wall_time_s=8.0, time_per_test_s=6.0, cpu_time_s=8, memory_mb=192, max_file_mb=64,
                        output_budget_mb=8)
 
 
-def run(source: str, inputs=("\n",), limits: SandboxLimits = LIMITS, **kwargs) -> sandbox.ProgramRun:
-    return sandbox.run_program(textwrap.dedent(source), list(inputs), limits=limits, **kwargs)
-
-
-def stdout_of(source: str) -> str:
-    result = run(source)
-    assert result.tests[0].status == "ok", result
-    return result.tests[0].stdout
-
-
-@pytest.fixture
-def contained():
-    if not sandbox._isolation().contained:
-        pytest.skip(f"no private filesystem, pid 1 supervisor or seccomp filter here ({describe_isolation()})")
+run, stdout_of = sandbox_runners(LIMITS)
 
 
 # Four processes, each under the per-process address-space limit, together 400 MiB of the given kind.

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import sandbox_runners
+
 from scope_opd.verifiers import SandboxLimits, code_score, describe_isolation
 from scope_opd.verifiers import sandbox
 
@@ -27,20 +29,7 @@ FAST = SandboxLimits(wall_time_s=4.0, time_per_test_s=2.0, cpu_time_s=4, memory_
                      output_budget_mb=8)
 
 
-def run(source: str, inputs=("\n",), limits: SandboxLimits = FAST, **kwargs) -> sandbox.ProgramRun:
-    return sandbox.run_program(textwrap.dedent(source), list(inputs), limits=limits, **kwargs)
-
-
-def stdout_of(source: str, **kwargs) -> str:
-    result = run(source, **kwargs)
-    assert result.tests[0].status == "ok", result
-    return result.tests[0].stdout
-
-
-@pytest.fixture
-def contained():
-    if not sandbox._isolation().contained:
-        pytest.skip(f"no private filesystem on this host ({describe_isolation()})")
+run, stdout_of = sandbox_runners(FAST)
 
 
 @pytest.fixture

@@ -9,27 +9,19 @@ MiB (the route is refused, so the tests hold almost nothing once fixed).
 from __future__ import annotations
 
 import platform
-import textwrap
 
 import pytest
 
-from scope_opd.verifiers import SandboxLimits, describe_isolation
+from helpers import sandbox_runners
+
+from scope_opd.verifiers import SandboxLimits
 from scope_opd.verifiers import sandbox
 
 LIMITS = SandboxLimits(wall_time_s=8.0, time_per_test_s=6.0, cpu_time_s=8, memory_mb=128, max_file_mb=16,
                        output_budget_mb=8)
 
 
-def stdout_of(source: str, limits: SandboxLimits = LIMITS) -> str:
-    result = sandbox.run_program(textwrap.dedent(source), ["\n"], limits=limits)
-    assert result.tests[0].status == "ok", result
-    return result.tests[0].stdout
-
-
-@pytest.fixture
-def contained():
-    if not sandbox._isolation().contained:
-        pytest.skip(f"no private filesystem, pid 1 supervisor or seccomp filter here ({describe_isolation()})")
+_, stdout_of = sandbox_runners(LIMITS)
 
 
 def test_dev_zero_cannot_be_mapped_shared(contained):
