@@ -97,3 +97,16 @@ def contained():
     if not sandbox._isolation().contained:
         pytest.skip(f"no private filesystem, pid 1 supervisor or seccomp filter here ({describe_isolation()})")
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module, restored after it (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Tiny models run in microseconds on one thread but wait on each other with two on a busy 2-core machine.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,12 +35,7 @@ EOS = 1  # the char tokenizer's <|endoftext|>
 EARLY_EOS = {"sequence_bias": [[[EOS], 2.5]]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CountingVerifier:

@@ -15,12 +15,7 @@ PROMPT_LENGTHS = [3, 1, 5, 2, 4]
 COMPLETION_LENGTHS = [6, 9, 0, 1, 12]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def wide_vocab_qwen2(seed=1):

@@ -40,13 +40,7 @@ PROMPT_LENGTHS = [5, 1, 9, 3, 7, 4]
 COMPLETION_LENGTHS = [4, 6, 0, 11, 1, 8]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny models run in microseconds on one thread but wait on each other with two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
