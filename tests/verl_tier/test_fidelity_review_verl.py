@@ -8,14 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from verl.trainer.distillation.losses import distillation_ppo_loss
 
 from scope_opd.integrations.verl.config import scope_options
 from scope_opd.integrations.verl.trainer import loss_options_json
 from scope_opd.integrations.verl.weights import scope_batch
 
 from test_fidelity_review import ref_loss, ref_mean_logp, ref_weights
-from test_loss import MICRO_BATCHES, SPEC, configs, micro_batch, model_log_probs
+from test_loss import SPEC, configs, micro_batch_losses
 from verl_batch import make_rows, padded_reference, step_batch
 
 CASES = {  # name -> (scope options, the reference's clip mode, opd_advantage, mle_surrogate)
@@ -58,18 +57,7 @@ def test_verl_plugin_weights_and_loss_match_the_independent_reference(case):
     teacher, _ = padded_reference(rows, "teacher_logp")
     gen = torch.Generator().manual_seed(13)
     logp_ref = old + 0.4 * torch.randn(old.shape, generator=gen)
-    total, grads = 0.0, torch.zeros_like(logp_ref)
-    for index in MICRO_BATCHES:
-        mb, sub_rows = micro_batch(full, index, rows, options_json)
-        flat = model_log_probs(sub_rows, logp_ref[index])
-        nested = torch.nested.nested_tensor_from_jagged(
-            flat, offsets=torch.tensor([0] + [r.prompt_len + r.response_len for r in sub_rows]).cumsum(0))
-        loss, _ = distillation_ppo_loss(actor, distillation, model_output={"log_probs": nested}, data=mb)
-        loss.backward()
-        total = total + loss.detach()
-        for j, (i, r) in enumerate(zip(index, sub_rows)):
-            start = sum(s.prompt_len + s.response_len for s in sub_rows[:j]) + r.prompt_len - 1
-            grads[i, : r.response_len] = flat.grad[start : start + r.response_len]
+    total, grads, _ = micro_batch_losses(actor, distillation, full, rows, options_json, logp_ref)
     ref_logp = logp_ref.clone().requires_grad_(True)
     reference = ref_loss(ref_logp, old.tolist(), teacher.tolist(), mask.tolist(), correct, want_stu, want_tea,
                          aggregation=options.loss_aggregation, clip=clip, opd_advantage=opd_advantage,

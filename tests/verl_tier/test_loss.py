@@ -74,6 +74,23 @@ def micro_batch(full, index, rows, options_json, dp_size=1):
     return mb, sub_rows
 
 
+def micro_batch_losses(actor, distillation, full, rows, options_json, logp_ref: torch.Tensor, dp_size=1):
+    """verl's loss wrapper over ``MICRO_BATCHES`` at log-probs ``logp_ref``: summed loss, ``[B, T]`` gradient, last metrics."""
+    total, grads, metrics = 0.0, torch.zeros_like(logp_ref), None
+    for index in MICRO_BATCHES:
+        mb, sub_rows = micro_batch(full, index, rows, options_json, dp_size)
+        flat = model_log_probs(sub_rows, logp_ref[index])
+        nested = torch.nested.nested_tensor_from_jagged(
+            flat, offsets=torch.tensor([0] + [r.prompt_len + r.response_len for r in sub_rows]).cumsum(0))
+        loss, metrics = distillation_ppo_loss(actor, distillation, model_output={"log_probs": nested}, data=mb)
+        loss.backward()
+        total = total + loss.detach()
+        for j, (i, r) in enumerate(zip(index, sub_rows)):
+            start = sum(s.prompt_len + s.response_len for s in sub_rows[:j]) + r.prompt_len - 1
+            grads[i, : r.response_len] = flat.grad[start : start + r.response_len]
+    return total, grads, metrics
+
+
 def run_case(aggregation, extra, shift, dp_size=1, overrides=(), logp_scale=1.0, clamp_rows_at=None):
     cfg, actor, distillation = configs(overrides)
     options = dataclasses.replace(scope_options(cfg), loss_aggregation=aggregation, **extra)
@@ -99,18 +116,7 @@ def run_case(aggregation, extra, shift, dp_size=1, overrides=(), logp_scale=1.0,
                         w["scope_student_weight"], w["scope_teacher_weight"], **options.loss_kwargs())
     ref.backward()
 
-    total, grads = 0.0, torch.zeros_like(logp_ref)
-    for index in MICRO_BATCHES:
-        mb, sub_rows = micro_batch(full, index, rows, options_json, dp_size)
-        flat = model_log_probs(sub_rows, logp_ref[index])
-        nested = torch.nested.nested_tensor_from_jagged(
-            flat, offsets=torch.tensor([0] + [r.prompt_len + r.response_len for r in sub_rows]).cumsum(0))
-        loss, metrics = distillation_ppo_loss(actor, distillation, model_output={"log_probs": nested}, data=mb)
-        loss.backward()
-        total = total + loss.detach()
-        for j, (i, r) in enumerate(zip(index, sub_rows)):
-            start = sum(s.prompt_len + s.response_len for s in sub_rows[:j]) + r.prompt_len - 1
-            grads[i, : r.response_len] = flat.grad[start : start + r.response_len]
+    total, grads, metrics = micro_batch_losses(actor, distillation, full, rows, options_json, logp_ref, dp_size)
     return total, ref.detach(), grads, ref_logp.grad, metrics
 
 
