@@ -565,7 +565,7 @@ def topk_reverse_kl(
     *,
     teacher_topk_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token reverse KL on the teacher's top-k, both renormalised there (``opd_loss="topk_reverse"``).
+    """Per-token reverse KL on the teacher's top-k, both renormalised there (the planned ``opd_loss="topk_reverse"``; not yet a trainer option).
 
     The authors' release option (``DISTILL_SIGNAL_IN_LOSS=True`` with the top-k type,
     ``shared/SCOPE_METHOD.md`` section 9). At each position, with ``S`` the teacher's top-k ids,
@@ -627,7 +627,7 @@ def topk_forward_kl(
     *,
     teacher_topk_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token forward KL over the teacher's top-k plus a tail bucket (``opd_loss="topk_forward"``).
+    """Per-token forward KL over the teacher's top-k plus a tail bucket (the planned ``opd_loss="topk_forward"``; not yet a trainer option).
 
     TRL's tail-bucket form (``add_tail_bucket`` in its server-distillation and SDPO trainers). At each
     position, with ``S`` the teacher's top-k ids, the student's log-probs there
