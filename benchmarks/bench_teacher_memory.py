@@ -9,6 +9,10 @@ inputs are not counted, the activations and the logits (or the fused head's tile
 
     python benchmarks/bench_teacher_memory.py                         # CPU, fp32
     python benchmarks/bench_teacher_memory.py --rows 8 --completion-tokens 12288 --hidden 896  # GPU, bf16
+    python benchmarks/bench_teacher_memory.py --model "$(bash scripts/smollm2.sh | tail -1)"   # a real checkpoint
+
+With ``--model`` the teacher is that checkpoint (its vocabulary, hidden size and layers; ``--vocab``,
+``--hidden`` and ``--layers`` are ignored) and the token ids are drawn from its vocabulary.
 
 The last line reads ``teacher peak memory: fused X MiB vs logits Y MiB (Zx less)``; the line before
 it, the largest difference between the two paths' log-probs.
@@ -46,20 +50,12 @@ def _reset_peak_rss() -> None:
 
 def measure(path: str, args, out_file: str) -> None:
     """Child process: build the teacher, score once on ``path`` ("fused" or "logits"), write peak and log-probs."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from scope_opd.teachers import InProcessTeacher
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.prompt_tokens + args.completion_tokens + 8,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = _teacher_model(args).to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, args.vocab, (args.prompt_tokens,), generator=generator).tolist() for _ in range(args.rows)]
     completions = [torch.randint(0, args.vocab, (args.completion_tokens,), generator=generator).tolist() for _ in range(args.rows)]
@@ -86,8 +82,36 @@ def measure(path: str, args, out_file: str) -> None:
         json.dump({"peak_bytes": peak, "seconds": seconds}, f)
 
 
+def _teacher_model(args):
+    """The checkpoint at ``--model``, else a random Qwen2 of ``--vocab`` / ``--hidden`` / ``--layers``."""
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.prompt_tokens + args.completion_tokens + 8,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config)
+
+
+def _describe_model(args) -> None:
+    """Fill ``args.vocab`` / ``hidden`` / ``layers`` from ``--model``'s config (for the report and the token ids)."""
+    if not args.model:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model).get_text_config()
+    args.vocab, args.hidden, args.layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a checkpoint (directory or hub id) to use as the teacher")
     parser.add_argument("--rows", type=int, default=2, help="rows in the one teacher forward (teacher_batch_size)")
     parser.add_argument("--completion-tokens", type=int, default=4096, help="completion tokens per row")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -102,6 +126,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    _describe_model(args)
     if args.child:
         measure(args.child, args, args.out)
         return
@@ -119,7 +144,8 @@ def main() -> None:
     logits_bytes = args.rows * args.completion_tokens * args.vocab * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     print(f"machine: {device}, torch {torch.__version__}, {args.dtype}, {args.threads} thread(s)")
     print(f"one teacher forward: {args.rows} rows x ({args.prompt_tokens} prompt + {args.completion_tokens} completion) tokens, "
-          f"vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, temperature {args.temperature}")
+          f"vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, temperature {args.temperature}"
+          + (f"; model {args.model}" if args.model else " (random Qwen2)"))
     print(f"[completion tokens, V] logits alone would be {logits_bytes / MIB:,.0f} MiB")
     for path in ("fused", "logits"):
         print(f"{path:>6}: peak {results[path]['peak_bytes'] / MIB:,.0f} MiB, {results[path]['seconds']:.1f} s")

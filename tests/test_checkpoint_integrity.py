@@ -6,7 +6,9 @@ into each test's folder and damaged there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -25,6 +27,7 @@ from scope_opd.checkpointing import (
     CheckpointError,
     CheckpointWarning,
     OutputDirInUseError,
+    OutputDirLockError,
     OutputDirNotEmptyError,
     check_resume_path,
     epoch_seeded,
@@ -214,6 +217,73 @@ def test_mid_generation_batch_state_missing_from_a_checkpoint_is_named(tmp_path,
         check_resume_path(str(out / "checkpoint-1"))
 
 
+def _unlisted_garbage_optimizer(checkpoint: Path) -> str:
+    """The issue's attack: garbage in optimizer.pt, its manifest entry removed so no checksum is compared."""
+    manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    del manifest["files"]["optimizer.pt"]
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (checkpoint / "optimizer.pt").write_bytes(b"garbage, not a pickle")
+    return "optimizer.pt is a file the manifest does not list"
+
+
+def _extra_file(checkpoint: Path) -> str:
+    (checkpoint / "extra.pt").write_bytes(b"x")
+    return "extra.pt is a file the manifest does not list"
+
+
+def _entry_outside(checkpoint: Path) -> str:
+    outside = checkpoint.parent.parent / "outside.txt"
+    outside.write_text("secret")
+    manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    manifest["files"]["../../outside.txt"] = {"size": 6, "sha256": hashlib.sha256(b"secret").hexdigest()}
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return "manifest entry '../../outside.txt' is not a plain path inside the folder"
+
+
+def _listed_file_swapped_for_a_symlink(checkpoint: Path) -> str:
+    outside = checkpoint.parent.parent / "scheduler-elsewhere.pt"
+    shutil.copy(checkpoint / "scheduler.pt", outside)  # same bytes: only the path gives it away
+    (checkpoint / "scheduler.pt").unlink()
+    (checkpoint / "scheduler.pt").symlink_to(outside)
+    return "manifest entry 'scheduler.pt' is not a plain path inside the folder"
+
+
+@pytest.mark.parametrize("damage", [_unlisted_garbage_optimizer, _extra_file, _entry_outside,
+                                    _listed_file_swapped_for_a_symlink],
+                         ids=["unlisted-garbage-optimizer", "extra-file", "entry-dot-dot", "listed-file-is-a-symlink"])
+def test_every_file_a_resume_reads_is_listed_and_inside_the_checkpoint(run_copy, damage):
+    problem = damage(run_copy / "checkpoint-3")
+    with pytest.warns(CheckpointWarning) as records:
+        assert select_resume_checkpoint(str(run_copy)) == str(run_copy / "checkpoint-2")
+    assert warned(records, f"skipping checkpoint {run_copy / 'checkpoint-3'}", problem)
+    with pytest.raises(CheckpointError, match=re.escape(problem)):
+        check_resume_path(str(run_copy / "checkpoint-3"))
+
+
+def test_a_symlinked_newest_checkpoint_is_refused_saying_so_and_named_explicitly_it_is_resolved(run_copy, tmp_path):
+    other = tmp_path / "other-run-checkpoint"
+    shutil.copytree(run_copy / "checkpoint-3", other)
+    shutil.rmtree(run_copy / "checkpoint-3")
+    (run_copy / "checkpoint-3").symlink_to(other)
+    with pytest.warns(CheckpointWarning) as records:
+        assert select_resume_checkpoint(str(run_copy)) == str(run_copy / "checkpoint-2")
+    assert warned(records, f"skipping checkpoint {run_copy / 'checkpoint-3'}", f"is a symbolic link to {other}")
+    with pytest.warns(CheckpointWarning, match=re.escape(f"is a symbolic link: resolved to {other}")):
+        check_resume_path(str(run_copy / "checkpoint-3"))
+
+
+def test_overwrite_removes_a_symlinked_checkpoint_link_not_its_target(tmp_path, tiny_pair_dir, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    other = tmp_path / "other-run-checkpoint"
+    shutil.copytree(out / "checkpoint-3", other)
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "checkpoint-3").symlink_to(other)
+    assert scope_main(["train", "--config", cli_config(tmp_path, tiny_pair_dir, out), "--overwrite_output_dir", "true"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert verify_checkpoint(str(other)).complete  # the other run's checkpoint is untouched
+
+
 # ---------------------------------------------------------------------------- one run per output_dir
 
 
@@ -256,6 +326,50 @@ def test_a_second_run_into_a_locked_output_dir_refuses_and_a_killed_holder_frees
         pass
     assert scope_main(["train", "--config", cli_config(tmp_path, tiny_pair_dir, out)]) == 0
     assert (out / "checkpoint-1").is_dir()
+
+
+def test_a_symlinked_lock_file_is_never_followed(tmp_path, tiny_pair_dir, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".scope-run.lock").unlink(missing_ok=True)  # the finished run's own lock file
+    (out / ".scope-run.lock").symlink_to(victim)
+    with pytest.raises(OutputDirLockError, match=re.escape(f"{out / '.scope-run.lock'} is not a plain file (a symbolic link)")):
+        scope_main(["train", "--config", cli_config(tmp_path, tiny_pair_dir, out), "--resume", "true"])
+    assert victim.read_text() == "precious"
+    (out / ".scope-run.lock").unlink()
+    os.link(victim, out / ".scope-run.lock")  # a hard link would be written through the same way
+    with pytest.raises(OutputDirLockError, match="hard links"):
+        with output_dir_lock(str(out)):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_the_lock_dies_with_its_holder_even_while_forked_workers_live_on(tmp_path):
+    """A trainer killed while a forked verifier worker is busy: the orphaned worker must not keep the lock."""
+    out = tmp_path / "out"
+    code = ("import multiprocessing as mp, os, sys, time\n"
+            "from scope_opd.checkpointing import output_dir_lock\n"
+            "def worker():\n    time.sleep(600)\n"
+            f"with output_dir_lock({str(out)!r}):\n"
+            "    child = mp.get_context('fork').Process(target=worker, daemon=False)\n    child.start()\n"
+            "    print(child.pid, flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(holder.stdout.readline())
+    try:
+        with pytest.raises(OutputDirInUseError, match=f"pid {holder.pid}"):
+            with output_dir_lock(str(out)):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(worker_pid, 0)  # the orphaned worker still runs
+        with output_dir_lock(str(out)):  # and yet the lock is free
+            pass
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
 
 
 def test_a_fresh_run_refuses_a_reused_output_dir_unless_resuming_or_overwriting(tmp_path, tiny_pair_dir, finished_run):

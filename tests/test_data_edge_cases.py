@@ -152,7 +152,7 @@ def test_huge_prompt_is_dropped_by_the_python_api_and_training_runs(tmp_path, ti
     # and the char tokenizer takes ~6 s on a million).
     huge = "7" * 200_000
     dataset = Dataset.from_dict({"prompt": [*PROMPTS[:2], huge, *PROMPTS[2:]], "answer": [*ANSWERS[:2], "1", *ANSWERS[2:]]})
-    with pytest.warns(UserWarning, match=r"dropped 1 of 5 training prompts .* rows 2 \(200000 tokens\)"):
+    with pytest.warns(UserWarning, match=r"dropped 1 of 5 training prompts .* rows 2 \(200000 characters, not tokenized\)"):
         # processing_class=None: the rule loads the student's tokenizer, as TRL does.
         trainer = SCOPETrainer(tiny_pair_dir["student"], reward_funcs=[exact], args=trainer_args(tmp_path),
                                train_dataset=dataset)
@@ -189,5 +189,66 @@ def test_scope_train_cli_drops_an_overlong_prompt_with_a_warning_naming_the_row(
               "output_dir": str(tmp_path / "out"), "max_prompt_tokens": 64}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     with pytest.warns(UserWarning, match=re.escape("dropped 1 of 5 training prompts longer than 64 tokens "
-                                                   "(max_prompt_tokens): rows 1 (100000 tokens)")):
+                                                   "(max_prompt_tokens): rows 1 (100000 characters, not tokenized)")):
         assert scope_main(["train", "--config", str(tmp_path / "c.yaml")]) == 0
+
+
+
+# ---------------------------------------------------------------------------- hostile rows (issue 18, item 9)
+
+
+def test_jsonl_line_nested_100k_deep_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "answer": "1"}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: JSON nested too deeply")):
+        load_prompt_dataset(str(path))
+
+
+def test_json_array_nested_100k_deep_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: JSON nested too deeply")):
+        load_prompt_dataset(str(path))
+
+
+def test_parquet_struct_holding_a_datetime_is_an_error_naming_file_and_row(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "dates.parquet"
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    pq.write_table(pa.table({"prompt": ["a", "b"], "answer": [{"due": None, "n": 1}, {"due": when, "n": 2}]}), path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: row 1: field 'answer' holds a value that is not JSON")):
+        load_prompt_dataset(str(path))
+
+
+def test_a_huge_prompt_line_is_dropped_naming_its_row_without_tokenizing_it(tmp_path, tiny_pair_dir):
+    """The issue's 100 MB line took 6 GB in the tokenizer and aborted; 8 MB here took ~3 GB before the fix."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w") as f:
+        for prompt, answer in zip(PROMPTS, ANSWERS):
+            f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+        f.write(json.dumps({"prompt": "ab c" * 2_000_000, "answer": "1"}) + "\n")  # 8 MB
+    code = (
+        "import resource, sys, warnings\n"
+        "from types import SimpleNamespace\n"
+        "from transformers import AutoTokenizer\n"
+        "from scope_opd.data import drop_overlong_prompts, load_prompt_dataset\n"
+        f"dataset = load_prompt_dataset({str(path)!r})\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    kept = drop_overlong_prompts(dataset, model={tiny_pair_dir['student']!r}, processing_class="
+        f"AutoTokenizer.from_pretrained({tiny_pair_dir['student']!r}), args=SimpleNamespace(max_completion_length=8))\n"
+        "print(len(kept), [str(w.message) for w in caught])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept_line, peak_mb = done.stdout.strip().splitlines()[-2:]
+    assert kept_line.startswith("4 ") and "rows 4 (8000000 characters, not tokenized)" in kept_line
+    assert int(peak_mb) < 1500, f"peak resident memory {peak_mb} MB"  # the 8 MB row costs its characters, no more

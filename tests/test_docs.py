@@ -1,6 +1,6 @@
 """The README and the docs site: short README with the two commands first, every page reachable, every
 link into docs/ alive, and a configuration reference generated from the code that matches what the
-code accepts. (``mkdocs build --strict`` itself runs in .ci/run, after the docs extra is installed.)"""
+code accepts. ``mkdocs build --strict`` itself runs here too (the test extra installs mkdocs)."""
 
 from __future__ import annotations
 
@@ -134,3 +134,14 @@ def test_the_verl_keys_reference_lists_every_scope_key_with_values_the_plugin_ac
             assert getattr(scope_options({"scope": {f.name: parsed}}), f.name) == parsed
     with pytest.raises(ValueError, match="scope.algorithm"):
         scope_options({"scope": {"algorithm": "grpo"}})  # verl's GRPO is verl's own trainer, not a scope key
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict`: a broken link, a page missing from the nav or a failing reference hook fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "site" / "configuration" / "index.html").is_file()

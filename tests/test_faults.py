@@ -29,10 +29,10 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from fault_helpers import HANG_GOLD, RAISE_GOLD, poison
+from fault_helpers import HANG_GOLD, RAISE_GOLD, fake_logprob, poison
 from scope_opd.checkpointing import last_complete_checkpoint
 from scope_opd.cli import main as scope_main
-from scope_opd.teachers import TeacherServerError
+from scope_opd.teachers import ServerTeacher, TeacherServerError
 from scope_opd.teachers.tokenizer_check import TokenizerMismatchWarning
 from scope_opd.trainer import SCOPEConfig, SCOPETrainer
 
@@ -673,6 +673,30 @@ def test_server_trickling_its_answer_times_out_like_a_slow_one(tmp_path, tiny_pa
                                                           teacher_max_retries=1))
         trainer.train()
     assert trainer is None or step_logs(trainer) == []
+
+
+def test_server_answer_that_decodes_past_the_cap_is_refused_naming_the_server_with_bounded_memory(fake_vllm):
+    """~1 MiB of gzip on the wire that decodes to 1 GiB: the client stops at its cap, and says whose answer it was."""
+    import tracemalloc
+
+    url = fake_vllm("bomb", "--bomb-mib", "1024")
+    teacher = ServerTeacher(url, api_key_env=None, max_retries=2, timeout_s=60, max_response_bytes=8 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TeacherServerError, match=re.escape(f"teacher server {url}/v1/completions answer for rows [0]: "
+                                                               "the answer is over max_response_bytes 8388608")):
+            teacher.score([[5, 6]], [[7, 8]])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # the cap plus a decoding step, not the 1 GiB the answer decodes to
+    assert teacher.counters()["retries"] == 0  # a bomb is not retried
+
+
+def test_server_answer_compressed_although_identity_was_asked_is_still_read(fake_vllm):
+    url = fake_vllm("gzip")
+    [logprobs] = ServerTeacher(url, api_key_env=None).score([[5, 6]], [[7, 8]])
+    assert logprobs.tolist() == [fake_logprob(7), fake_logprob(8)]
 
 
 def test_server_slow_only_at_first_succeeds_after_retries(tmp_path, tiny_pair_dir, fake_vllm):

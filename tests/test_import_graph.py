@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("verify", {"verifiers"}),
     ("teacher", {"teachers"}),
     ("weights", {"batch"}),
-    ("problems and data", {"evaluation", "data", "toy"}),
+    ("problems and data", {"evaluation", "data", "toy", "tasks"}),
     ("loss and update", {"trainer", "kd"}),
     ("applications", {"analysis", "integrations", "train_cli"}),
     ("entry points", {"demo", "cli", ROOT_INIT}),

@@ -296,7 +296,8 @@ def _post(body: bytes, *extra_headers: bytes) -> bytes:
 @pytest.mark.parametrize(
     "raw_request, status, message",
     [
-        (_post(b"[" * 100_000 + b"]" * 100_000, b"Content-Length: 200000"), 400, "nested too deeply"),
+        (_post(b"[" * 5_000 + b"]" * 5_000, b"Content-Length: 10000"), 400, "nested too deeply"),
+        (_post(b"[" * 100_000 + b"]" * 100_000, b"Content-Length: 200000"), 400, "JSON values, more than this server parses"),
         (_post(b"{}", "Content-Length: ²".encode()), 400, "malformed Content-Length"),
         (_post(b"{}", b"Content-Length: 2", b"Content-Length: 2"), 400, "duplicate content-length"),
         (_post(b"{}", b"Content-Length: 2", b"Content-Length: 3"), 400, "duplicate content-length"),
@@ -310,10 +311,12 @@ def _post(body: bytes, *extra_headers: bytes) -> bytes:
         (_post(b"{}", b"X-Pad: " + b"a" * 70_000, b"Content-Length: 2"), 431, "over 65536 bytes"),
         (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 400, "missing Host"),
         (b"GARBAGE\r\n\r\n", 400, "malformed request line"),
+        (b"GET /health HTTP/1.1\nHost: x\n\n", 400, "bare LF"),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\nContent-Length: 2\r\n\r\n{}", 400, "bare LF"),
     ],
-    ids=["json-100k-deep", "content-length-superscript-2", "two-equal-content-lengths", "two-content-lengths",
+    ids=["json-5k-deep", "json-100k-deep", "content-length-superscript-2", "two-equal-content-lengths", "two-content-lengths",
          "negative-content-length", "hex-content-length", "chunked", "no-content-length", "not-utf8", "space-before-colon",
-         "folded-header", "70kB-header", "no-host", "garbage-request-line"],
+         "folded-header", "70kB-header", "no-host", "garbage-request-line", "bare-lf", "bare-lf-in-a-header"],
 )
 def test_malformed_http_gets_a_clean_error_and_the_connection_closes(server, raw_request, status, message):
     raw = raw_exchange(server, raw_request)  # the read ends: the server closed the connection
@@ -359,3 +362,173 @@ def test_accepted_connections_send_without_nagle_delay(server):
         sockets = [c.writer.get_extra_info("socket") for c in list(server._connections)]
         assert sockets, "the server never registered the connection"
         assert all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in sockets)
+
+
+
+# -- round 3: keyed routes, caps on every route, fair shares, stuck writers, body budget -------------------
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"),
+                                          ("GET", "/v1/models"), ("POST", "/v1/completions")])
+def test_with_a_key_set_every_route_but_health_needs_it_before_the_body_is_read(keyed_server, method, path):
+    # The headers promise 256 MB: a route that read the body before the key would wait, then time out.
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 268435455\r\n\r\n".encode()
+    raw = raw_exchange(keyed_server, head)
+    assert status_of(raw) == 401 and error_body(raw) == {"error": "Unauthorized"}
+    headers = {"Authorization": "Bearer k3y"}
+    if path == "/tokenize":
+        answer = requests.post(keyed_server.url + path, json={"prompt": "ab"}, headers=headers, timeout=30)
+        assert answer.status_code == 200 and answer.json()["count"] >= 2
+
+
+def test_text_over_the_token_cap_is_refused_before_tokenizing_on_every_text_route(server):
+    text = "ab " * 2000  # 6000 characters > --max-request-tokens 4096 of this server
+    for path, body in [("/tokenize", {"prompt": text}),
+                       ("/v1/completions", {"prompt": text, "max_tokens": 0, "echo": True}),
+                       ("/v1/completions", {"prompt": ["ab", text], "max_tokens": 0, "echo": True})]:
+        response = requests.post(server.url + path, json=body, timeout=ANSWER_BOUND_S)
+        assert response.status_code == 400, (path, response.text[:300])
+        assert "characters of text, more than this server's --max-request-tokens 4096" in response.json()["error"]["message"]
+    response = requests.post(server.url + "/detokenize", json={"tokens": [5] * 5000}, timeout=ANSWER_BOUND_S)
+    assert response.status_code == 400 and "--max-request-tokens 4096" in response.json()["error"]["message"]
+
+
+def test_a_huge_n_is_refused_before_the_answer_is_built_streamed_or_not(server):
+    for stream in (True, False):
+        body = {"prompt": ROW, "max_tokens": 0, "echo": True, "n": 10**6, "stream": stream}
+        response = requests.post(server.url + "/v1/completions", json=body, timeout=ANSWER_BOUND_S)
+        assert response.status_code == 413, response.text[:300]
+        assert "1000000 choices" in response.json()["error"]["message"]
+    well_behaved_answer(server.url)
+
+
+def test_json_values_are_counted_before_they_are_parsed(server):
+    # 3 bytes of '{},' become a ~70-byte dict: about 350k of them fit the 1 MiB body cap of this server.
+    body = b"[" + b"{}," * 340_000 + b"{}]"
+    raw = raw_exchange(server, _post(body, f"Content-Length: {len(body)}".encode()))
+    assert status_of(raw) == 400 and "JSON values, more than this server parses" in error_body(raw)["error"]["message"]
+    # Brackets and commas inside strings are text, not values: a long text prompt is not refused for them.
+    text = "[{,}]" * 80
+    response = requests.post(server.url + "/v1/completions", json={"prompt": text, "max_tokens": 0, "echo": True},
+                             timeout=ANSWER_BOUND_S)
+    assert response.status_code == 200, response.text[:300]
+
+
+ROOMY = dict(max_connections=8, worker_threads=2, request_read_timeout_s=20.0, write_timeout_s=60.0,
+             max_request_tokens=2**20, max_body_bytes=4 * 2**20, max_buffered_body_bytes=6 * 2**20,
+             max_response_bytes=3 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def roomy_server(tiny_pair_dir):
+    """Defaults where the attack needs them (large texts, bodies, answers), a small pool and cap."""
+    server, thread = start_server(tiny_pair_dir["teacher"], dtype="float32", device="cpu", batch_size=8,
+                                  limits=_limits(**ROOMY))
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_tokenize_obeys_the_response_cap(roomy_server):
+    # 400k characters: under the 1 Mi token cap, but tokens plus token strings are ~4 MB > the 3 MiB cap.
+    response = requests.post(roomy_server.url + "/tokenize", json={"prompt": "a" * 400_000, "return_token_strs": True},
+                             timeout=60)
+    assert response.status_code == 413 and "--max-response-bytes" in response.json()["error"]["message"]
+
+
+def test_one_client_address_cannot_queue_its_work_ahead_of_another_clients(roomy_server):
+    """Six slow /tokenize requests from 127.0.0.2 must not queue a scoring request from 127.0.0.1 behind them all."""
+    host, port = address(roomy_server)
+    body = json.dumps({"prompt": "ab c" * 100_000}).encode()  # 400k characters: a fraction of a second each
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def attacker(i: int) -> None:
+        with socket.create_connection((host, port), timeout=120, source_address=("127.0.0.2", 0)) as s:
+            s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            while s.recv(1 << 16):
+                pass
+        with lock:
+            finished.append(f"attacker {i}")
+
+    attackers = [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(6)]
+    for thread in attackers:
+        thread.start()
+    time.sleep(0.5)  # the attacker's six are read: two hold the pool's two threads, four wait
+    # The order of answers is the test, not their time: a generous bound for a starved CI machine.
+    response = requests.post(roomy_server.url + "/v1/completions", json=GOOD_BODY, timeout=120)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"][0]["prompt_logprobs"]) == len(ROW)
+    with lock:
+        before_ours = list(finished)
+    for thread in attackers:
+        thread.join(timeout=120)
+    # A FIFO pool runs ours after the attacker's queued four, i.e. after at least 5 of its requests have
+    # finished; round robin gives ours the first thread that frees up (after 1, or 2 finishing together).
+    assert len(before_ours) <= 3, before_ours
+    assert len(finished) == 6
+
+
+@pytest.fixture(scope="module")
+def small_cap_server(tiny_pair_dir):
+    """A cap of 4 connections and answers up to 16 MiB: room for answers larger than loopback buffers (~3 MB)."""
+    server, thread = start_server(tiny_pair_dir["teacher"], dtype="float32", device="cpu", batch_size=8,
+                                  limits=_limits(**{**ROOMY, "max_connections": 4, "max_response_bytes": 16 * 2**20}))
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def _stuck_reader(server) -> socket.socket:
+    """A client that asks for a ~9 MB answer and never reads it (a 4 KiB receive window; loopback buffers ~3 MB)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(address(server))
+    body = json.dumps({"prompt": [[5 + i % 40 for i in range(300)]] * 20, "max_tokens": 1, "temperature": 0,
+                       "prompt_logprobs": 20}).encode()
+    s.sendall(_post(body, f"Content-Length: {len(body)}".encode()))
+    return s
+
+
+def test_clients_that_never_read_their_answers_cannot_lock_out_a_server_teacher(small_cap_server):
+    from scope_opd.teachers import ServerTeacher
+
+    roomy_server = small_cap_server
+    stuck = [_stuck_reader(roomy_server) for _ in range(roomy_server.max_connections)]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until every answer is built and waiting on its reader
+            states = [c.state for c in list(roomy_server._connections)]
+            if len(states) == len(stuck) and all(state == "writing" for state in states):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the stuck readers' answers were never built: {states}")
+        # ServerTeacher's default retries span ~7.5 s; it must be answered inside them.
+        teacher = ServerTeacher(roomy_server.url, api_key_env=None, timeout_s=20)
+        [logprobs] = teacher.score([ROW[:3]], [ROW[3:]])
+        assert logprobs.shape == (3,)
+        assert roomy_server.counters["evicted"] >= 1
+    finally:
+        for s in stuck:
+            s.close()
+
+
+def test_large_bodies_held_at_once_are_bounded_and_small_ones_still_pass(roomy_server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3500000\r\n\r\n"
+    first = socket.create_connection(address(roomy_server), timeout=30)
+    try:
+        first.sendall(head + b"[" * 1000)  # 3.5 MB promised, never finished: held against the 6 MiB budget
+        deadline = time.monotonic() + 30
+        while roomy_server._body_budget.held == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raw = raw_exchange(roomy_server, head + b"[" * 1000)  # would make 7 MB: refused before its body is read
+        assert status_of(raw) == 503
+        assert "--max-buffered-request-bytes 6291456" in error_body(raw)["error"]["message"]
+        well_behaved_answer(roomy_server.url)  # a small body is never held back by the budget
+    finally:
+        first.close()

@@ -122,6 +122,18 @@ def test_unreachable_teacher_server_is_a_clear_error(tmp_path, tiny_pair_dir):
         scope_main(["train", "--config", config])
 
 
+@pytest.mark.parametrize("null", ["null", "None"])
+def test_teacher_model_null_on_the_command_line_unsets_the_presets_teacher(tmp_path, tiny_pair_dir, null):
+    """README: `scope train --config ... --teacher_model null --teacher_server_url URL` (a preset naming a teacher)."""
+    from scope_opd.teachers import TeacherServerError
+
+    config = write_config(tmp_path, tiny_pair_dir, teacher_server_url=None, teacher_tokenizer=tiny_pair_dir["teacher"],
+                          teacher_max_retries=0, teacher_timeout=2)
+    # past SCOPEConfig's "not both" check: the run reaches the (unreachable) server
+    with pytest.raises(TeacherServerError, match="127.0.0.1:9"):
+        scope_main(["train", "--config", config, "--teacher_model", null, "--teacher_server_url", "http://127.0.0.1:9"])
+
+
 @pytest.mark.parametrize("algorithm", ["scope", "opd", "grpo", "kd"])
 def test_toy_presets_run_from_the_repository(tmp_path, monkeypatch, algorithm):
     """configs/toy/*.yaml as shipped, on the quick toy models (built into a temporary cache)."""

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 import warnings
@@ -122,14 +123,25 @@ def write_manifest(directory: str, *, kind: str, global_step: int | None = None)
 def read_manifest(directory: str) -> dict | None:
     """The manifest of ``directory``; None if there is none; ValueError naming the file if unreadable."""
     path = os.path.join(directory, MANIFEST_NAME)
+    if os.path.islink(path):  # it would be read (and trusted) wherever it points
+        raise ValueError(f"{path}: unreadable manifest (a symbolic link; a manifest is a file of its folder)")
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-        if not isinstance(manifest.get("files"), dict):
+        # O_NONBLOCK: a FIFO swapped in after the isfile check must not block the reader; fstat refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            manifest = json.loads(f.read())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no 'files' table")
-    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        for rel, entry in manifest["files"].items():
+            if not (isinstance(entry, dict) and type(entry.get("size")) is int and isinstance(entry.get("sha256"), str)):
+                raise ValueError(f"entry {rel[:200]!r} has no integer 'size' and string 'sha256'")
+    except RecursionError:
+        raise ValueError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{path}: unreadable manifest ({err})") from err
     return manifest
 
@@ -137,14 +149,44 @@ def read_manifest(directory: str) -> dict | None:
 _TRAINING_STATE_RE = re.compile(r"^(optimizer|scheduler|scaler|rng_state)[^/]*\.(pt|pth|bin)$")
 
 
-def manifest_problems(directory: str, manifest: dict, *, tolerate_missing_state: bool = False) -> list[str]:
-    """What differs between ``directory`` and its manifest: missing files, sizes, checksums.
+def _escapes(directory: str, rel: str) -> bool:
+    """Whether manifest entry ``rel`` names anything but a plain path inside ``directory`` (no '..', no symlink)."""
+    parts = rel.split("/")
+    if not rel or os.path.isabs(rel) or any(part in ("", ".", "..") for part in parts) or "\0" in rel:
+        return True
+    real_directory = os.path.realpath(directory)
+    return os.path.realpath(os.path.join(real_directory, rel)) != os.path.join(real_directory, *parts)
+
+
+def _unlisted(directory: str, listed) -> list[str]:
+    """Entries under ``directory`` its manifest does not list: files, symlinks (followed or not), odd files."""
+    found = []
+    for root, dirs, files in os.walk(directory):  # does not descend into symlinked folders: they are reported
+        for name in sorted(dirs):
+            if os.path.islink(os.path.join(root, name)):
+                found.append(os.path.relpath(os.path.join(root, name), directory))
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel not in listed and rel != MANIFEST_NAME or os.path.islink(os.path.join(root, name)):
+                found.append(rel)
+    return sorted(found)
+
+
+def manifest_problems(directory: str, manifest: dict, *, tolerate_missing_state: bool = False,
+                      unlisted: bool = False) -> list[str]:
+    """What differs between ``directory`` and its manifest: missing files, sizes, checksums, paths outside it.
 
     ``tolerate_missing_state``: a missing optimizer/scheduler/scaler/RNG file is not reported here
     (the caller reports it as missing training state, which a user may choose to resume without).
+    ``unlisted``: files (and symlinks) present but not listed are problems too: a checkpoint's
+    manifest lists every file a resume may read, so an unlisted one is not part of the save.
     """
     problems = []
-    for rel, entry in sorted(manifest["files"].items()):
+    listed = manifest["files"]
+    for rel, entry in sorted(listed.items()):
+        if not isinstance(rel, str) or not isinstance(entry, dict) or _escapes(directory, rel):
+            problems.append(f"manifest entry {rel!r} is not a plain path inside the folder (refused, not read)")
+            continue
         path = os.path.join(directory, rel)
         if not os.path.isfile(path):
             if tolerate_missing_state and _TRAINING_STATE_RE.match(rel):
@@ -156,6 +198,10 @@ def manifest_problems(directory: str, manifest: dict, *, tolerate_missing_state:
             problems.append(f"{rel} has {size} bytes, the manifest says {entry['size']} (truncated or rewritten)")
         elif _sha256(path) != entry["sha256"]:
             problems.append(f"{rel} does not match its sha256 in the manifest (corrupted or rewritten)")
+    if unlisted:
+        for rel in _unlisted(directory, listed):
+            kind = "a symbolic link" if os.path.islink(os.path.join(directory, rel)) else "a file"
+            problems.append(f"{rel} is {kind} the manifest does not list (not part of the save; refused)")
     return problems
 
 
@@ -211,8 +257,16 @@ _VERIFIED: dict[tuple, CheckpointCheck] = {}
 
 
 def verify_checkpoint(path: str) -> CheckpointCheck:
-    """Check one ``checkpoint-N`` folder against its manifest and for complete training state."""
+    """Check one ``checkpoint-N`` folder against its manifest and for complete training state.
+
+    A checkpoint that is a symbolic link is refused (it may be another run's); a resume names the
+    target itself to use it (:func:`check_resume_path` resolves it, saying so).
+    """
     check = CheckpointCheck(path)
+    if os.path.islink(path):
+        check.problems.append(f"is a symbolic link to {os.path.realpath(path)} (refused: a checkpoint must be a folder "
+                              "of this run; name the target to resume from it)")
+        return check
     try:
         manifest = read_manifest(path)
     except ValueError as err:
@@ -225,7 +279,7 @@ def verify_checkpoint(path: str) -> CheckpointCheck:
         key = (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if key in _VERIFIED:
             return _VERIFIED[key]
-        check.problems += manifest_problems(path, manifest, tolerate_missing_state=True)
+        check.problems += manifest_problems(path, manifest, tolerate_missing_state=True, unlisted=True)
     else:
         check.has_manifest = False
         check.problems.append(f"no {MANIFEST_NAME} (not a complete save by scope-opd)")
@@ -313,7 +367,13 @@ def check_resume_path(path: str, *, allow_incomplete: bool = False) -> str:
     """Verify a checkpoint the user named explicitly: damage is an error, missing state too unless allowed."""
     if not os.path.isdir(path):
         raise CheckpointError(f"cannot resume from {path}: no such checkpoint folder")
-    check = verify_checkpoint(path)
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        warnings.warn(f"resume checkpoint {path} is a symbolic link: resolved to {target}, whose files are verified and "
+                      "read", CheckpointWarning, stacklevel=2)
+        check = verify_checkpoint(target)
+    else:
+        check = verify_checkpoint(path)
     problems = [p for p in check.problems if check.has_manifest or MANIFEST_NAME not in p]
     if problems:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(problems)}")
@@ -340,6 +400,26 @@ def check_resume_path(path: str, *, allow_incomplete: bool = False) -> str:
 _HELD_LOCKS: dict[str, list[int]] = {}
 
 
+def _close_held_locks_in_child() -> None:
+    """In a forked child (a verifier worker), close the inherited lock descriptors.
+
+    flock belongs to the open file, which a fork shares: a worker orphaned when the trainer is killed
+    (or one that hangs) would otherwise hold the run's lock after the trainer is gone, and a resume
+    would be refused naming a dead pid. Closing a duplicate never unlocks it for the parent.
+    """
+    for fd, _ in _HELD_LOCKS.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+class OutputDirLockError(RuntimeError):
+    """The output_dir lock file is not a plain file of its own (a symbolic link, a hard link, a folder)."""
+
+
 @contextlib.contextmanager
 def output_dir_lock(output_dir: str):
     """Hold an exclusive lock on ``output_dir`` (created if missing) for the duration of the block.
@@ -353,7 +433,24 @@ def output_dir_lock(output_dir: str):
         _HELD_LOCKS[key][1] += 1
     else:
         lock_path = os.path.join(output_dir, LOCK_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a symlink planted there would have its target truncated and overwritten below.
+        # O_CLOEXEC: a program the trainer runs does not inherit the lock (forks: _close_held_locks_in_child).
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise OutputDirLockError(
+                    f"{lock_path} is not a plain file ({'a symbolic link' if os.path.islink(lock_path) else err.strerror}); "
+                    "refusing to follow or write it. Remove it (nothing a run needs is kept there) and start again."
+                ) from None
+            raise
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            os.close(fd)
+            raise OutputDirLockError(
+                f"{lock_path} is not a plain file of its own ({status.st_nlink} hard links); refusing to write it. "
+                "Remove it (nothing a run needs is kept there) and start again."
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -392,7 +489,12 @@ def remove_previous_checkpoints(output_dir: str) -> list[str]:
     removed = []
     for name in _previous_run_entries(output_dir):
         path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and (_CHECKPOINT_RE.match(name) or name.startswith(STAGING_PREFIX)):
+        if not (_CHECKPOINT_RE.match(name) or name.startswith(STAGING_PREFIX)):
+            continue
+        if os.path.islink(path):  # the link goes, never what it points to (it may be another run's)
+            os.unlink(path)
+            removed.append(name)
+        elif os.path.isdir(path):
             shutil.rmtree(path)
             removed.append(name)
     return removed
@@ -488,7 +590,9 @@ def atomic_publish(staging: str, target: str) -> None:
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         os.replace(os.path.join(staging, rel), destination)
     for rel in (old or {}).get("files", {}):
-        if rel not in new_files:
+        # The old manifest is whatever sits in target: an entry naming a path outside it ('../x', '/x',
+        # through a symlinked folder) would otherwise delete that file.
+        if rel not in new_files and not _escapes(target, rel):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(target, rel))
     for folder in {os.path.dirname(os.path.join(target, rel)) for rel in new_files}:
@@ -620,7 +724,9 @@ class AtomicCheckpointMixin:
                 write_manifest(written, kind="checkpoint", global_step=self.state.global_step)
         if self.args.should_save:
             final = os.path.join(run_dir, name)
-            if os.path.exists(final):
+            if os.path.islink(final):
+                os.unlink(final)
+            elif os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(written, final)
             _fsync(run_dir)

@@ -42,7 +42,10 @@ def _check_answer(value, where: str, answer_field: str) -> str:
     if isinstance(value, (int, float)):
         return repr(value) if isinstance(value, float) else str(value)
     if isinstance(value, (dict, list)):
-        return json.dumps(value)  # test cases for the code verifier, which accepts JSON text
+        try:
+            return json.dumps(value)  # test cases for the code verifier, which accepts JSON text
+        except TypeError as err:  # a parquet struct can hold a datetime, bytes, ...: not JSON, so not a gold
+            raise ValueError(f"{where}: field {answer_field!r} holds a value that is not JSON ({err})") from None
     raise ValueError(f"{where}: field {answer_field!r} has unsupported type {type(value).__name__}")
 
 
@@ -70,8 +73,12 @@ def load_prompt_dataset(
         null = [f for f in (prompt_field, answer_field) if row[f] is None]
         if null:
             raise ValueError(f"{location}: field {', '.join(map(repr, null))} is null")
-        prompts.append(_check_prompt(row[prompt_field], location, prompt_field))
-        answers.append(_check_answer(row[answer_field], location, answer_field))
+        try:
+            prompts.append(_check_prompt(row[prompt_field], location, prompt_field))
+            answers.append(_check_answer(row[answer_field], location, answer_field))
+        except RecursionError:
+            raise ValueError(f"{location}: a field is nested too deeply to use (deeper than Python's recursion "
+                             "limit)") from None
     if not prompts:
         raise ValueError(f"{description}: no training rows (empty dataset)")
     return Dataset.from_dict({"prompt": prompts, answer_field: answers})
@@ -112,9 +119,35 @@ def _prompt_token_counts(prompts: list, tokenizer, chat_template_kwargs: dict) -
     return [len(row) for row in ids]
 
 
+def _prompt_characters(prompt) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(m.get("content") or "") if isinstance(m, Mapping) else 0 for m in prompt)
+    return 0
+
+
+def _longest_token_characters(tokenizer) -> int | None:
+    """Characters of the longest vocabulary entry (added tokens included); None when it cannot be read.
+
+    No token covers more characters of text than its vocabulary string has (byte-level BPE writes each
+    byte as one character, SentencePiece writes a space as one), so a prompt of more than
+    ``limit * this`` characters has more than ``limit`` tokens: it is dropped without tokenizing it
+    (a tokenizer takes ~400 bytes a character: a 100 MB prompt took 6 GB, then aborted).
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a readable vocabulary: every prompt is tokenized
+        return None
+    return max((len(token) for token in vocab), default=None) or None
+
+
 def drop_overlong_prompts(dataset, *, model, processing_class, args, max_prompt_tokens: int | None = None):
     """The training rows whose prompt fits, by one rule for ``scope train`` and ``SCOPETrainer``.
 
+    A prompt with more characters than ``limit`` times the longest vocabulary entry cannot fit
+    and is dropped without being tokenized (:func:`_longest_token_characters`), so one huge row
+    costs its characters, not a tokenizer's memory for them.
     A prompt fits when its token count (as TRL tokenises it for generation, chat template
     included) is at most ``limit = min(max_prompt_tokens, context - args.max_completion_length)``,
     ``context`` being the student's maximum positions (:func:`_context_length`): then a
@@ -154,9 +187,16 @@ def drop_overlong_prompts(dataset, *, model, processing_class, args, max_prompt_
         tokenizer = AutoTokenizer.from_pretrained(str(name), trust_remote_code=getattr(args, "trust_remote_code", False))
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
     template_kwargs = getattr(args, "chat_template_kwargs", None) or {}
+    token_characters = _longest_token_characters(tokenizer)
+    max_characters = None if token_characters is None else limit * token_characters
 
     if not hasattr(dataset, "__len__"):  # IterableDataset: its size is unknown until iterated
         def fits(row, index):
+            characters = _prompt_characters(row["prompt"])
+            if max_characters is not None and characters > max_characters:
+                warnings.warn(f"training row {index}: prompt of {characters} characters, so more than {limit} tokens "
+                              f"({rule}); dropped without tokenizing it", stacklevel=2)
+                return False
             length = _prompt_token_counts([row["prompt"]], tokenizer, template_kwargs)[0]
             if length > limit:
                 warnings.warn(f"training row {index}: prompt of {length} tokens > {limit} ({rule}); dropped",
@@ -165,19 +205,33 @@ def drop_overlong_prompts(dataset, *, model, processing_class, args, max_prompt_
 
         return dataset.filter(fits, with_indices=True)
 
-    lengths = dataset.map(
-        lambda batch: {"n": _prompt_token_counts(batch["prompt"], tokenizer, template_kwargs)},
-        batched=True, batch_size=256, remove_columns=dataset.column_names, desc="counting prompt tokens",
-    )["n"]
-    over = [i for i, n in enumerate(lengths) if n > limit]
+    def count(batch):
+        counts = [None] * len(batch["prompt"])  # None: too many characters to fit, not tokenized
+        characters = [_prompt_characters(p) for p in batch["prompt"]]
+        measured = [i for i, c in enumerate(characters) if max_characters is None or c <= max_characters]
+        if measured:
+            for i, n in zip(measured, _prompt_token_counts([batch["prompt"][i] for i in measured], tokenizer,
+                                                           template_kwargs)):
+                counts[i] = n
+        return {"n": counts, "chars": characters}
+
+    measured = dataset.map(count, batched=True, batch_size=256, remove_columns=dataset.column_names,
+                           desc="counting prompt tokens")
+    lengths, characters = measured["n"], measured["chars"]
+    over = [i for i, n in enumerate(lengths) if n is None or n > limit]
     if not over:
         return dataset
+
+    def size(i: int) -> str:
+        return f"{lengths[i]} tokens" if lengths[i] is not None else f"{characters[i]} characters, not tokenized"
+
     if len(over) == len(lengths):
+        shortest = min(range(len(lengths)), key=lambda i: (lengths[i] is None, lengths[i] or characters[i]))
         raise ValueError(
             f"every one of the {len(lengths)} training prompts is longer than {limit} tokens ({rule}); "
-            f"the shortest has {min(lengths)}"
+            f"the shortest has {size(shortest).split(',')[0]}"
         )
-    named = ", ".join(f"{i} ({lengths[i]} tokens)" for i in over[:MAX_NAMED_ROWS])
+    named = ", ".join(f"{i} ({size(i)})" for i in over[:MAX_NAMED_ROWS])
     more = f" and {len(over) - MAX_NAMED_ROWS} more" if len(over) > MAX_NAMED_ROWS else ""
     warnings.warn(
         f"dropped {len(over)} of {len(lengths)} training prompts longer than {limit} tokens ({rule}): "

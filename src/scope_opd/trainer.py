@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
@@ -387,6 +387,16 @@ class SCOPEConfig(GRPOConfig):
                           stacklevel=3)
 
 
+class _OptimizerStepTiming(TrainerCallback):
+    """Closes each optimiser step's phase timings once ``optimizer.step()`` has run (see ``_log_phase_timings``)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._log_phase_timings()
+
+
 class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose loss is SCOPE's (or OPD's), with a teacher scoring the student's rollouts.
 
@@ -443,6 +453,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self._phase_seconds: dict[str, float] = defaultdict(float)
+        self._warn_without_fp32_master_weights()
+        self.add_callback(_OptimizerStepTiming(self))
         self._last_rewards_per_func: torch.Tensor | None = None
         self.teacher = None
         self.verdict_reward_index = self._resolve_verdict_reward()
@@ -453,6 +465,28 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                 from .teachers.scorer import StopTokenMappedTeacher
 
                 self.teacher = StopTokenMappedTeacher(self.teacher, self._teacher_stop_tokens)
+
+    def _warn_without_fp32_master_weights(self):
+        """Warn when the optimiser would update bf16/fp16 parameters in place (no fp32 master copy).
+
+        transformers' Trainer keeps the parameters' own dtype under plain DDP / single device: with a bf16
+        model, parameters and Adam states are bf16 and most updates at lr 5e-5 round away (|update| < half
+        a bf16 ulp of the weight). DeepSpeed (bf16/fp16 with fp32 masters) and FSDP mixed precision keep
+        fp32 copies; a model loaded in float32 with ``bf16=True`` trains fp32 weights under bf16 autocast.
+        """
+        if self.is_deepspeed_enabled:
+            return  # DeepSpeed's bf16/fp16 optimisers keep fp32 master weights
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()
+                      if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        if low:
+            warnings.warn(
+                f"the trainable parameters are {'/'.join(low)} and no fp32 master copy exists (no DeepSpeed, and "
+                "FSDP / Trainer update parameters in their own dtype): the optimiser updates them and its Adam "
+                "states in that dtype, so most updates at small learning rates (5e-5) round away. Load the model "
+                "in float32 (`dtype: float32`; from_pretrained(..., dtype=torch.float32)) and keep `bf16: true` "
+                "for bf16 compute, or train under DeepSpeed with bf16",
+                stacklevel=3,
+            )
 
     def _resolve_verdict_reward(self) -> int | None:
         """Index of the reward that decides correct/incorrect (``args.verdict_reward``), for scope and opd.
@@ -559,14 +593,16 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if isinstance(teacher_model, PreTrainedModel):
             model = teacher_model
         else:
-            model = load_teacher_model(teacher_model or args.teacher_model, dtype=args.teacher_dtype)
+            # As TRL loads its reference model (device_map=None under DDP/DeepSpeed: zero.Init shards it under ZeRO-3).
+            model = load_teacher_model(teacher_model or args.teacher_model, dtype=args.teacher_dtype,
+                                       distributed_type=args.distributed_state.distributed_type)
         from .teachers import check_models_compatible
 
         check_models_compatible(self.model.config, model.config, student_name, teacher_name)
         model.eval()
         model.requires_grad_(False)
         # Placed and wrapped the way TRL prepares its reference model, so ZeRO-3 / FSDP shard it.
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        sharded = self._teacher_parameters_sharded()
         if self.is_deepspeed_enabled:
             model = prepare_deepspeed(model, self.accelerator)
         elif self.is_fsdp_enabled:
@@ -581,6 +617,19 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             # Sharded forwards are collectives: every rank runs as many as the busiest rank.
             synced_ranks=sharded and self.accelerator.num_processes > 1,
         )
+
+    def _teacher_parameters_sharded(self) -> bool:
+        """Whether the teacher's parameters are split across ranks once wrapped like TRL's reference model.
+
+        ZeRO-3 and FSDP (any strategy but NO_SHARD) shard them; TRL's ``prepare_deepspeed`` runs ZeRO-1/2
+        reference models at stage 0, whole on every rank, so their forwards are no collectives.
+        """
+        if self.is_deepspeed_enabled:
+            return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.is_fsdp_enabled:
+            strategy = getattr(self.accelerator.state.fsdp_plugin, "sharding_strategy", None)
+            return getattr(strategy, "name", None) != "NO_SHARD"
+        return False
 
     # ---- overlap / rollout log-probs: chunked generation with teacher scoring overlapped (teachers/overlap.py)
 
@@ -703,12 +752,28 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ phase timings (paper Table 8)
 
+    def _sync_device(self):
+        """Wait for the work queued on this process's accelerator (nothing to wait for on CPU)."""
+        device = self.accelerator.device
+        if device.type != "cpu":
+            torch.get_device_module(device.type).synchronize()
+
+    def _clock(self) -> float:
+        """``perf_counter`` once the device's queued work is done.
+
+        Kernels run asynchronously: without the wait, a phase would be charged for the work of the phase before
+        it (whichever first waits for a result), and the backward pass and the optimiser step, which nothing
+        waits for, for none at all.
+        """
+        self._sync_device()
+        return time.perf_counter()
+
     def _timed(self, phase: str, fn, *a, **kw):
-        start = time.perf_counter()
+        start = self._clock()
         try:
             return fn(*a, **kw)
         finally:
-            self._phase_seconds[phase] += time.perf_counter() - start
+            self._phase_seconds[phase] += self._clock() - start
 
     def _generate(self, prompts):
         return self._timed("generation", super()._generate, prompts)
@@ -744,15 +809,24 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         return self._timed(phase, super()._get_per_token_logps_and_entropies, model, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch):
-        start = time.perf_counter()
+        start = self._clock()
         before = sum(self._phase_seconds.values())
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Whatever this call spent outside rollout/verify/teacher phases is forward+backward.
-        self._phase_seconds["update"] += (time.perf_counter() - start) - (sum(self._phase_seconds.values()) - before)
-        if self.accelerator.sync_gradients:
-            for phase in ("generation", "old_logprob", "ref_logprob", "reward", "teacher", "update"):
-                self._metrics["train"][f"timing/{phase}"].append(self._phase_seconds.pop(phase, 0.0))
+        self._training_step_ended = self._clock()
+        self._phase_seconds["update"] += (self._training_step_ended - start) - (sum(self._phase_seconds.values()) - before)
         return loss
+
+    _training_step_ended = None
+
+    def _log_phase_timings(self):
+        """At the optimiser step (``_OptimizerStepTiming``): add gradient clipping and ``optimizer.step()``, which
+        transformers runs after the window's last ``training_step``, to "update", and log the step's phases."""
+        if self._training_step_ended is not None:
+            self._phase_seconds["update"] += self._clock() - self._training_step_ended
+            self._training_step_ended = None
+        for phase in ("generation", "old_logprob", "ref_logprob", "reward", "teacher", "update"):
+            self._metrics["train"][f"timing/{phase}"].append(self._phase_seconds.pop(phase, 0.0))
 
     # ------------------------------------------------------------------ steps 2-5: verdicts, teacher, weights
 
@@ -830,9 +904,9 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
         lengths = completion_mask.sum(dim=1).tolist()
         completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
-        start = time.perf_counter()
+        start = self._clock()
         scored = self._teacher_scores(row_index, prompt_ids, completions)
-        self._phase_seconds["teacher"] += time.perf_counter() - start
+        self._phase_seconds["teacher"] += self._clock() - start
         if len(scored) != len(row_index):
             raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
         for i, values in zip(row_index, scored):

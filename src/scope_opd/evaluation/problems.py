@@ -159,6 +159,8 @@ def _read_json_rows(path: Path) -> Iterable[tuple[str, Mapping]]:
                 raise ValueError(f"{path}: line {line}: not UTF-8 (byte {data[err.start:err.start + 1]!r})") from err
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from err
+            except RecursionError:
+                raise ValueError(f"{path}: JSON nested too deeply to read (deeper than Python's recursion limit)") from None
             for i, row in enumerate(rows):
                 yield f"row {i}", row
             return
@@ -171,6 +173,9 @@ def _read_json_rows(path: Path) -> Iterable[tuple[str, Mapping]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
+            except RecursionError:
+                raise ValueError(f"{path}: line {lineno}: JSON nested too deeply to read (deeper than Python's "
+                                 "recursion limit)") from None
             yield f"line {lineno}", row
 
 

@@ -40,6 +40,7 @@ difference for a forward-only pass is small.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InProcessTeacher", "TokenScores", "load_teacher_model"]
+__all__ = ["InProcessTeacher", "TokenScores", "load_teacher_model", "teacher_device_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -436,33 +437,98 @@ def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return resolved
 
 
+def teacher_device_map(distributed_type) -> str | None:
+    """The ``device_map`` TRL 1.16 loads its reference model with, for a run of accelerate's ``distributed_type``.
+
+    TRL's rule (``GRPOTrainer.__init__`` and ``trl.trainer.utils.create_model_from_path``): ``None`` under
+    ``MULTI_GPU`` (DDP) and ``DEEPSPEED`` (the weights load on CPU, or sharded by ``zero.Init`` under
+    ZeRO-3, and the trainer's wrapper places them); otherwise ``None`` on a CPU/MPS process and ``"auto"``
+    elsewhere (single GPU; FSDP, whose wrapper shards what ``"auto"`` placed, as TRL does).
+    """
+    from accelerate import PartialState
+
+    if str(getattr(distributed_type, "value", distributed_type)) in ("MULTI_GPU", "DEEPSPEED"):
+        return None
+    return None if PartialState().device.type in ("cpu", "mps") else "auto"
+
+
 def load_teacher_model(
     name_or_path: str,
     *,
     dtype: str | torch.dtype = "auto",
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    distributed_type=None,
 ) -> torch.nn.Module:
-    """Load a frozen teacher with ``AutoModelForCausalLM.from_pretrained``, in eval mode.
+    """Load a frozen teacher with ``from_pretrained``, in eval mode.
 
     Args:
         name_or_path: a local checkpoint directory, or a hub id (needs network
             or a populated cache).
         dtype: ``"auto"`` (the checkpoint's dtype) or a torch dtype / its name
             (``"bfloat16"``, ``"float16"``, ``"float32"``).
-        device: where to load the weights; default ``"cuda"`` when available, else ``"cpu"``.
+        device: load a whole copy of the weights onto this device. Under a
+            registered ZeRO-3 config (``TrainingArguments(deepspeed=...)``)
+            the load runs outside ``zero.Init``, so the copy is not sharded
+            (KD's sampling teacher: each process generates on its own).
         trust_remote_code: passed through; keep ``False`` unless you trust the repository.
+        distributed_type: accelerate's ``DistributedType`` of a training run
+            (``args.distributed_state.distributed_type``), with ``device``
+            left ``None``: the teacher loads exactly as TRL 1.16 loads its
+            reference model (:func:`teacher_device_map`, TRL's
+            ``create_model_from_path``), so that under ZeRO-3 ``zero.Init``
+            shards it while it loads, and the trainer wraps it as TRL wraps
+            its reference model (``prepare_deepspeed`` / ``prepare_fsdp`` /
+            ``prepare_model``).
+
+        With neither: ``"cuda"`` when available, else ``"cpu"`` (``scope serve-teacher``, evaluation).
 
     Returns:
         The model in eval mode with ``requires_grad=False`` on every parameter,
         so it can never end up in an optimizer by accident.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=_resolve_dtype(dtype), device_map=str(device), trust_remote_code=trust_remote_code
-    )
+    dtype = _resolve_dtype(dtype)
+    if device is None and distributed_type is not None:
+        from trl.trainer.utils import create_model_from_path
+
+        # transformers refuses any device_map under ZeRO-3 ("DeepSpeed Zero-3 is not compatible with passing a
+        # `device_map`"); TRL's rule gives None there, and zero.Init shards the weights as they load.
+        model = create_model_from_path(name_or_path, dtype=dtype, device_map=teacher_device_map(distributed_type),
+                                       trust_remote_code=trust_remote_code)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        with _zero3_init_suspended() if is_deepspeed_zero3_enabled() else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code
+            )
     model.requires_grad_(False)
     return model.eval()
+
+
+class _zero3_init_suspended:
+    """Unregister the ZeRO-3 config for one load (a whole copy on one device), then register it again.
+
+    transformers reads it through a module-level weak reference (set by ``HfDeepSpeedConfig``, which
+    ``TrainingArguments(deepspeed=...)`` builds); while it is registered every ``from_pretrained`` runs
+    under ``zero.Init`` and refuses a ``device_map``.
+    """
+
+    def __enter__(self):
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+        self._config = ref() if ref is not None else None
+        hf_deepspeed.unset_hf_deepspeed_config()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        if self._config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(self._config)
+        return False

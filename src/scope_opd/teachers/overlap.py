@@ -90,6 +90,7 @@ class TeacherPrefetch:
         self._submitted.append((rows, prompt_ids, completion_ids, future))
 
     def _run(self) -> None:
+        _use_teacher_device(self.teacher)
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -170,6 +171,23 @@ class TeacherPrefetch:
             future.cancel()
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+
+def _use_teacher_device(teacher) -> None:
+    """Make the teacher's accelerator this thread's current device.
+
+    The current CUDA (XPU, ...) device is per-thread state and a new thread starts on device 0, so on rank
+    r >= 1 the teacher's kernels launched from here would go to GPU 0: TRL's fused head launches its Triton
+    kernel on the current device ("Pointer argument cannot be accessed from Triton"), and anything allocated
+    without an explicit device would open a stray context on GPU 0.
+    """
+    device = getattr(teacher, "device", None)
+    if device is None:
+        return  # a server teacher: no device of its own
+    device = torch.device(device)
+    if device.type in ("cpu", "meta", "mps") or device.index is None:
+        return
+    torch.get_device_module(device.type).set_device(device)
 
 
 def _decode_like_trl(trainer, prompts, completion_ids):

@@ -50,6 +50,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import requests
@@ -74,6 +75,11 @@ _VLLM_TOO_LONG_MESSAGES = ("max_tokens must be at least 1", "maximum context len
 # A log-prob is <= 0; float32 log_softmax can round a near-certain token a hair above 0, never by this much.
 _MAX_LOGPROB = 1e-3
 _COUNTERS = ("requests", "retries", "failures", "nan_rows")
+# The largest answer read, after any Content-Encoding is undone: a server that sends a compressed bomb
+# (2 MiB on the wire, 2 GiB decoded) fails the request instead of the trainer's memory.
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+# zlib's wbits for each Content-Encoding we undo ourselves, with a bound on what each step decodes.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 class TeacherServerError(RuntimeError):
@@ -100,6 +106,10 @@ class _NotLogprobs(Exception):
 
 class _NoModelCard(Exception):
     """The server has no ``/v1/models`` (HTTP 404): not vLLM, so nothing to check the context length against."""
+
+
+class _AnswerRefused(Exception):
+    """An answer larger than ``max_response_bytes`` once decoded, or in an encoding we do not undo: not retried."""
 
 
 class _NaNRefused(Exception):
@@ -133,6 +143,9 @@ class ServerTeacher:
         max_concurrency: requests in flight at once (a thread pool per ``score`` call).
         rows_per_request: rows sent together as a list of token-id prompts; at
             most :data:`VLLM_MAX_PROMPTS_PER_REQUEST` (1024), vLLM's limit.
+        max_response_bytes: the largest answer read, counted after decompression
+            (``gzip``/``deflate`` are undone here, in bounded steps; other
+            encodings are refused); past it the request fails, naming the server.
 
     Counters for the trainer's logs: ``requests`` HTTP attempts sent,
     ``retries`` attempts that were retries, ``failures`` requests that ended in
@@ -156,6 +169,7 @@ class ServerTeacher:
         backoff_s: float = 0.5,
         max_concurrency: int = 8,
         rows_per_request: int = 1,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -166,6 +180,8 @@ class ServerTeacher:
                 f"rows_per_request={rows_per_request} is more than vLLM accepts in one request "
                 f"({VLLM_MAX_PROMPTS_PER_REQUEST} prompts); use at most {VLLM_MAX_PROMPTS_PER_REQUEST}"
             )
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be >= 1, got {max_response_bytes}")
         if timeout_s <= 0 or backoff_s < 0:
             raise ValueError(f"timeout_s must be > 0 and backoff_s >= 0, got {timeout_s}, {backoff_s}")
         self.base_url, self.url = _endpoint(base_url)
@@ -176,6 +192,7 @@ class ServerTeacher:
         self.backoff_s = backoff_s
         self.max_concurrency = max_concurrency
         self.rows_per_request = rows_per_request
+        self.max_response_bytes = max_response_bytes
         self.max_model_len: int | None = None
         self.requests = 0
         self.retries = 0
@@ -398,7 +415,8 @@ class ServerTeacher:
         ``explain_refusal``: ``{status: function(body text)}`` for non-retried 4xx answers; the function
         returns a clearer error message (or ``None`` for the plain one), or raises.
         """
-        headers = {"Content-Type": "application/json"}
+        # Identity asked for; a server that compresses anyway is decoded in bounded steps (_read_body).
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -423,10 +441,23 @@ class ServerTeacher:
             self._count(requests=1)
             deadline = time.monotonic() + self.timeout_s
             try:
+                # allow_redirects=False: requests reads a redirect's body whole (decoded, past max_response_bytes,
+                # with no deadline) before following it, and re-sends the rows to wherever it points.
                 response = self._session().request(
-                    method, url, data=body, headers=headers, timeout=self.timeout_s, stream=True
+                    method, url, data=body, headers=headers, timeout=self.timeout_s, stream=True, allow_redirects=False
                 )
-                content = _read_body(response, deadline, self.timeout_s)
+                if 300 <= response.status_code < 400:
+                    response.close()
+                    self._count(failures=1)
+                    location = response.headers.get("Location", "")[:200]
+                    raise TeacherServerError(
+                        f"teacher server {url} answered a redirect (HTTP {response.status_code} to {location!r}) {what}; "
+                        "redirects are not followed: give the final URL", url=url, rows=rows,
+                    )
+                content = _read_body(response, deadline, self.timeout_s, self.max_response_bytes)
+            except _AnswerRefused as exc:
+                self._count(failures=1)
+                raise TeacherServerError(f"teacher server {url} answer {what}: {exc}", url=url, rows=rows) from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
@@ -456,6 +487,9 @@ class ServerTeacher:
             except _NotLogprobs as exc:
                 self._count(failures=1)
                 raise TeacherServerError(f"teacher server {url} {what}: {exc}", url=url, rows=rows) from None
+            except RecursionError:  # JSON nested deeper than the interpreter parses
+                reason = "malformed response: JSON nested too deeply"
+                continue
             except (ValueError, _MalformedResponse) as exc:
                 reason = f"malformed response: {exc}"
                 continue
@@ -471,29 +505,60 @@ def _model_cards(data) -> list[dict] | None:
     return cards
 
 
-def _read_body(response: requests.Response, deadline: float, timeout_s: float) -> bytes:
-    """The whole body of a streamed response, or ``requests.Timeout`` once ``deadline`` (monotonic) passes.
+def _read_body(response: requests.Response, deadline: float, timeout_s: float, max_bytes: int) -> bytes:
+    """The whole decoded body of a streamed response, at most ``max_bytes``; ``requests.Timeout`` past ``deadline``.
 
     ``requests``' timeout bounds each socket read, not the answer: a server that trickles its body a
     few bytes at a time would never time out, and the trainer would wait for it indefinitely. So the
     body is read with ``read1`` (whatever has arrived, at most one socket read) and the clock checked
     in between: an attempt that keeps receiving bytes ends soon after ``deadline``, one that
     receives nothing ends after ``timeout_s`` more at most (the socket timeout).
+
+    The bytes are read raw and any ``gzip``/``deflate`` is undone here with zlib's ``max_length``, so
+    no step decodes more than what is left of ``max_bytes`` (plus one byte, to see it pass): memory
+    stays near ``max_bytes`` whatever the compression ratio. Raises :class:`_AnswerRefused` past it.
     """
-    read1 = getattr(response.raw, "read1", None)
-    if read1 is None:  # an older urllib3 without partial reads: only each socket read is bounded
-        return response.content
-    chunks = []
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity") and encoding not in _DECODERS:
+        response.close()
+        raise _AnswerRefused(f"Content-Encoding {encoding!r} is not one this client decodes (it asks for identity)")
+    decoder = zlib.decompressobj(_DECODERS[encoding]) if encoding in _DECODERS else None
+    raw = response.raw
+    read = getattr(raw, "read1", None) or raw.read  # read1: an older urllib3 bounds only each socket read
+    chunks, size = [], 0
+
+    def take(data: bytes) -> None:
+        nonlocal size
+        pieces = [data]
+        if decoder is not None:
+            pieces = []
+            while data:
+                piece = decoder.decompress(data, max_bytes - size + 1)
+                pieces.append(piece)
+                data = decoder.unconsumed_tail
+                if size + sum(map(len, pieces)) > max_bytes:
+                    break
+        for piece in pieces:
+            size += len(piece)
+            chunks.append(piece)
+        if size > max_bytes:
+            response.close()  # a half-read connection cannot carry another request
+            raise _AnswerRefused(f"the answer is over max_response_bytes {max_bytes} (after decoding {encoding})")
+
     try:
-        while chunk := read1(1 << 16, decode_content=True):
-            chunks.append(chunk)
+        while chunk := read(1 << 16, decode_content=False):
+            take(chunk)
             if time.monotonic() > deadline:
-                response.close()  # a half-read connection cannot carry another request
+                response.close()
                 raise requests.Timeout(f"the answer was not complete after {timeout_s:g} s")
+        if decoder is not None:
+            take(decoder.flush())
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise requests.Timeout(str(exc)) from exc
     except urllib3.exceptions.HTTPError as exc:
         raise requests.ConnectionError(str(exc)) from exc
+    except zlib.error as exc:
+        raise requests.ConnectionError(f"the answer's {encoding} encoding is corrupt: {exc}") from exc
     return b"".join(chunks)
 
 

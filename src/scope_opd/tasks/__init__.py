@@ -1,0 +1,1 @@
+"""Offline tasks for real models (generated here, never downloaded)."""
