@@ -32,7 +32,7 @@ def test_teacher_loads_under_a_registered_zero_config_as_trls_reference_model(tm
     scores with it; KD's teacher (an explicit device) loads whole. ZeRO-2 runs the teacher unsharded (TRL's
     prepare_deepspeed uses stage 0 for it), so it does not count as sharded (synced_ranks stays off)."""
     pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed==0.18.9 "
-                                            "(no ops compiled at install; see docs/incoming/h21.md, gpu)")
+                                            "(no ops compiled at install; see docs/gpu.md)")
     out = tmp_path / "zero"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + stage * 37 + os.getpid() % 500),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
