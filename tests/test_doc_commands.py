@@ -47,22 +47,22 @@ def doc_commands() -> list[tuple[str, str]]:
     found: dict[str, str] = {}
     for path in DOC_FILES:
         lines = path.read_text(encoding="utf-8").splitlines()
-        in_block, pending, pending_start = False, "", 0
+        block = None  # None outside a code block, else "shell" or "other"
+        pending, pending_start = "", 0
         for number, line in enumerate(lines, start=1):
             if line.lstrip().startswith("```"):
                 # A block opens with its language; only shell blocks (or unlabelled ones) hold command lines:
                 # a ```text block is a listing (the layout page), not something to run.
-                shell = line.strip()[3:].strip() in ("", "bash", "sh", "shell", "console")
-                if in_block:
-                    in_block = ""
+                if block is None:
+                    block = "shell" if line.strip()[3:].strip() in ("", "bash", "sh", "shell", "console") else "other"
                 else:
-                    in_block = "in_shell_block" if shell else "in_other_block"
+                    block = None
                 pending = ""
                 continue
             where = f"{path.relative_to(REPO)}:{number}"
-            if in_block == "in_other_block":
+            if block == "other":
                 continue
-            if in_block:
+            if block == "shell":
                 if pending:
                     line, where = pending + " " + line.strip(), pending_start
                 if line.rstrip().endswith("\\"):
