@@ -83,7 +83,26 @@ def normalize_olympiad_answer(value) -> str:
         # Only a list of strings is a repr; "[0, 1]" stays an interval.
         if isinstance(parsed, list) and parsed and all(isinstance(v, str) for v in parsed):
             value = parsed
-    return normalize_math_answer(value)
+    # A multi-answer gold is ONE element holding several maths spans: "$69$,$84$". Stripping only
+    # the outer "$" would leave "69$,$84", which math-verify reads as "69" alone.
+    elements = value if isinstance(value, (list, tuple)) else [value]
+    spans = [span for element in elements for span in _split_dollar_spans(element)]
+    return normalize_math_answer(spans if len(spans) > 1 else spans[0] if spans else value)
+
+
+_DOLLAR_SPAN_SEPARATOR = re.compile(r"(?<!\\)\$\s*,\s*\$")
+
+
+def _split_dollar_spans(element):
+    """``"$69$,$84$"`` -> ``["$69$", "$84$"]``; anything else stays one element."""
+    if not isinstance(element, str):
+        return [element]
+    text = element.strip()
+    if text.startswith("$") and text.endswith("$."):  # a sentence's full stop after the maths: "$(-\\infty, 0)$."
+        text = text[:-1]
+    if not (text.startswith("$") and text.endswith("$")) or not _DOLLAR_SPAN_SEPARATOR.search(text):
+        return [text]
+    return [f"${part.strip()}$" for part in _DOLLAR_SPAN_SEPARATOR.split(text[1:-1])]
 
 
 def _identity(value):
@@ -164,7 +183,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             num_problems=675,
             normalize=normalize_olympiad_answer,
             aliases=("olympiad", "olympiad_bench"),
-            notes="final_answer is a list like ['$2^{1009}$'] (or its repr): $ stripped, several joined by ', '",
+            notes="final_answer is a list like ['$2^{1009}$'] (or its repr): $ stripped; several answers (separate elements, or one '$69$,$84$') joined by ', '",
         ),
         BenchmarkSpec(
             name="HumanEval",

@@ -18,6 +18,7 @@ through :class:`~scope_opd.verifiers.reward.RewardFunction` or
 
 from __future__ import annotations
 
+import re
 import threading
 
 # Imported at module level on purpose: RewardFunction forks its workers from the
@@ -38,6 +39,9 @@ def _math_verify_timeout() -> int | None:
     return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
 def parse_gold(gold: object) -> list:
     """math-verify's parse of a gold answer such as ``"19"``, ``"\\frac{1}{2}"`` or ``"$x^2$"``.
 
@@ -53,7 +57,8 @@ def parse_gold(gold: object) -> list:
     text = str(gold).strip()
     if not text:
         raise InvalidGoldError("gold answer is empty")
-    if "$" not in text and "\\boxed" not in text:
+    # An escaped dollar ("\\$18.90") is a currency sign, not a maths environment.
+    if not _UNESCAPED_DOLLAR.search(text) and "\\boxed" not in text:
         text = f"${text}$"
     parsed = parse(text, parsing_timeout=_math_verify_timeout())
     if not parsed:
