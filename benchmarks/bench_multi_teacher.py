@@ -51,11 +51,19 @@ def build_specialist(strategy: str, steps: int, seed: int, cache: Path) -> Path:
 
 
 def first_line_strategy(problem, completion: str) -> str | None:
-    """The strategy whose first rewrite line the completion starts with (left and right differ for 4 numbers)."""
-    from scope_opd.toy.sums import sum_solution
+    """The strategy of the completion's first rewrite, by which terms it keeps (arithmetic errors included).
 
+    For a+b+c+d: "left" keeps c and d as the last two of three terms ((a+b)+c+d), "right" keeps a and b as the
+    first two of three (a+b+(c+d)); anything else (pairs, a malformed line) is ``None``.
+    """
     first = completion.split("\n", 1)[0]
-    hits = [s for s in STRATEGIES if sum_solution(problem, s).split("\n", 1)[0] == first]
+    try:
+        terms = tuple(int(t) for t in first.split("+"))
+    except ValueError:
+        return None
+    a, b, c, d = problem.numbers
+    hits = [s for s, ok in (("left", len(terms) == 3 and terms[1:] == (c, d)),
+                            ("right", len(terms) == 3 and terms[:2] == (a, b))) if ok]
     return hits[0] if len(hits) == 1 else None
 
 
