@@ -146,8 +146,7 @@ def routing_measurement(student_dir: Path, teachers: dict, n_prompts: int, sampl
 def train_and_eval(arm: str, seed: int, student_dir: Path, teachers: dict, steps: int, out: Path, eval_prompts: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
-    from scope_opd.evaluation import Problem, ProblemSet, SamplingSettings, evaluate_model
-    from scope_opd.toy.sums import sum_dataset, sum_problems
+    from scope_opd.toy.sums import sum_dataset
     from scope_opd.trainer import SCOPEConfig, SCOPETrainer
     from scope_opd.verifiers import RewardFunction
 
@@ -171,6 +170,14 @@ def train_and_eval(arm: str, seed: int, student_dir: Path, teachers: dict, steps
         trainer.train()
     finally:
         reward.close()
+    return held_out_accuracy(model, tokenizer, eval_prompts)
+
+
+def held_out_accuracy(model, tokenizer, eval_prompts: int) -> float:
+    """Avg@4 on ``eval_prompts`` test problems (temperature 0.6, top-p 0.95, top-k 20, sampling seed 0)."""
+    from scope_opd.evaluation import Problem, ProblemSet, SamplingSettings, evaluate_model
+    from scope_opd.toy.sums import sum_problems
+
     problems = sum_problems("test", eval_prompts, seed=99, terms=4)
     problem_set = ProblemSet("sums", [Problem(id=str(i), prompt=p.prompt, answer=p.answer) for i, p in enumerate(problems)],
                              verifier="math")
@@ -203,7 +210,13 @@ def main() -> None:
     report["routing_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report["routing"], indent=1), flush=True)
     if not args.skip_training:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         from scope_opd.toy.stats import paired_comparison
+
+        report["untrained_student_avg"] = held_out_accuracy(AutoModelForCausalLM.from_pretrained(student_dir),
+                                                            AutoTokenizer.from_pretrained(student_dir), args.eval_prompts)
+        print(f"untrained student: Avg@4 {report['untrained_student_avg']:.3f}", flush=True)
 
         arms = ("left-only", "both-min_perplexity", "both-key")
         accuracy = {arm: [] for arm in arms}
