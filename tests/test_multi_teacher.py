@@ -216,7 +216,8 @@ def test_min_perplexity_never_hands_a_row_one_teacher_failed_on_to_another(tmp_p
     assert logged["teacher/b/nan_rows"] == hit.sum().item()
     assert logged["scope/teacher_nonfinite_rows"] == hit.sum().item()
     assert logged["teacher/a/nan_rows"] == 0
-    assert logged["teacher/a/rows"] + logged["teacher/b/rows"] == (incorrect & ~hit).sum().item()
+    nonempty = torch.tensor([len(c) > 0 for c in completions])
+    assert logged["teacher/a/rows"] + logged["teacher/b/rows"] == (incorrect & ~hit & nonempty).sum().item()
 
 
 # ---------------------------------------------------------------------------------------------------- key
@@ -409,3 +410,31 @@ def test_per_teacher_counters_are_summed_over_two_processes(tmp_path, three_teac
         assert logged[f"teacher/{name}/rows"] == rows
         assert logged[f"teacher/{name}/score_calls"] == sum(1 for rank in seen if rank[name])
         assert logged[f"teacher/{name}/token_frac"] == pytest.approx(tokens[name] / sum(tokens.values()))
+
+
+class Constant:
+    """Returns fixed per-row log-probs: a teacher whose perplexity on each row is known by construction."""
+
+    def __init__(self, per_row):
+        self.per_row = per_row
+
+    def score(self, prompt_ids, completion_ids):
+        return [torch.full((len(c),), float(v)) for c, v in zip(completion_ids, self.per_row)]
+
+
+def test_min_perplexity_picks_the_highest_mean_logprob_and_ties_go_to_the_first_listed_teacher():
+    prompts, completions = [[1], [1], [1], [1]], [[2, 3], [4], [5, 6, 7], []]
+    x = Constant([-1.0, -2.0, -0.5, 0.0])
+    y = Constant([-0.5, -2.0, -3.0, 0.0])  # better on row 0, tied on row 1, worse on row 2
+    for order in (("x", "y"), ("y", "x")):
+        teachers = {"x": x, "y": y}
+        pool = TeacherPool({name: teachers[name] for name in order}, routing="min_perplexity")
+        scored = pool.score(prompts, completions)
+        assert pool.last_routes[:3] == ["y", order[0], "x"]
+        assert [v.tolist() for v in scored[:3]] == [[-0.5, -0.5], [-2.0], [-0.5] * 3]
+        totals = pool.summarize_counters(pool.stats_delta())
+        # the first listed teacher takes the tied row 1: x rows 1 and 2 / y rows 0 and 1
+        assert totals[f"{order[0]}/rows"] == 2 and totals[f"{order[1]}/rows"] == 1
+        assert totals["x/rows"] + totals["y/rows"] == 3  # the empty row 3 teaches nothing
+        tokens = {"x": 1 + 3, "y": 2} if order[0] == "x" else {"x": 3, "y": 2 + 1}
+        assert totals["x/token_frac"] == pytest.approx(tokens["x"] / 6)

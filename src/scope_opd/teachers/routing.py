@@ -405,7 +405,9 @@ class TeacherPool:
                         counts["nan_rows"] += 1
                     continue
                 n = values.numel()
-                mean = float(values.double().mean()) if n else 0.0
+                if n == 0:  # an empty completion teaches nothing (the trainer drops it)
+                    continue
+                mean = float(values.double().mean())
                 counts["rows"] += 1
                 counts["tokens"] += n
                 counts["logp_sum"] += mean
