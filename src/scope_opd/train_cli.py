@@ -187,10 +187,16 @@ def run_cli(argv: list[str], prog: str = "scope train", check_only: bool = False
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if check_only:
         print(f"{prog}: arguments OK (algorithm={training_args.algorithm}, model={model_args.model_name_or_path}, "
-              f"teacher={training_args.teacher_model or training_args.teacher_server_url}, "
+              f"teacher={_teacher_summary(training_args)}, "
               f"output_dir={training_args.output_dir})")
         return 0
     return train(script_args, training_args, model_args)
+
+
+def _teacher_summary(training_args) -> str | None:
+    if training_args.teachers:
+        return f"{sorted(training_args.teachers)} routed by {training_args.teacher_routing}"
+    return training_args.teacher_model or training_args.teacher_server_url
 
 
 def train(script_args, training_args, model_args) -> int:
@@ -218,6 +224,10 @@ def _train_in_output_dir(script_args, training_args, model_args, resume_from: st
     if student_name is None:
         raise ValueError("model_name_or_path is required (a hub id, a local path, or toy:student)")
     training_args.teacher_model = resolve_model_name(training_args.teacher_model, quick=script_args.toy_quick)
+    for fields in (training_args.teachers or {}).values():  # toy:teacher inside teachers: too
+        for key in ("model", "tokenizer"):
+            if fields.get(key):
+                fields[key] = resolve_model_name(fields[key], quick=script_args.toy_quick)
     train_dataset = load_train_dataset(script_args, training_args.answer_field, training_args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(

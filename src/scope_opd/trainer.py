@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
 
 from .algorithms import (
@@ -172,6 +171,28 @@ class SCOPEConfig(GRPOConfig):
         default=None,
         metadata={"help": "Tokenizer to check against the student's (defaults to teacher_model / teacher_server_model)."},
     )
+    # Several teachers (scope_opd/teachers/routing.py; docs/multi-teacher.md)
+    teachers: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers: a mapping name -> one teacher's fields, each as the single-teacher teacher_* "
+            "field of that name allows (model, server_url, server_model, tokenizer, dtype, temperature, api_key_env, "
+            "timeout, max_retries, max_concurrency, batch_size, allow_special_token_mismatch); unset fields take the "
+            "teacher_* values. In YAML a mapping; on the command line a JSON (or YAML flow) string. Not together "
+            "with teacher_model / teacher_server_url."
+        },
+    )
+    teacher_routing: str = field(
+        default="key",
+        metadata={
+            "help": "With teachers: 'key': each prompt's dataset column teacher_key names its teacher, which alone "
+            "scores that prompt's rollouts; 'min_perplexity': every teacher scores each teacher-path rollout and it is "
+            "distilled toward the one with the lowest perplexity on it (ties: the first in the teachers mapping)."
+        },
+    )
+    teacher_key: str = field(
+        default="teacher", metadata={"help": "Dataset column naming each prompt's teacher (teacher_routing='key')."}
+    )
     # Verifier (used when no reward_funcs are passed to the trainer)
     verifier: str = field(default="math", metadata={"help": "math, exact, code, or package.module:function."})
     answer_field: str = field(default="answer", metadata={"help": "Dataset column with the gold answer."})
@@ -250,6 +271,10 @@ class SCOPEConfig(GRPOConfig):
             raise ValueError(f"beta (reference-model KL) is only used by algorithm='grpo'; got beta={self.beta} for {self.algorithm!r}")
         if self.teacher_model and self.teacher_server_url:
             raise ValueError("set either teacher_model (in-process) or teacher_server_url, not both")
+        from .teachers.routing import check_teacher_routing, parse_teachers
+
+        self.teachers = parse_teachers(self.teachers, self)
+        check_teacher_routing(self)
         if self.teacher_server_url and self.teacher_temperature != 1.0:
             raise ValueError("teacher_temperature != 1 is only supported in-process; server prompt_logprobs are at temperature 1")
         if self.opd_advantage is None:  # off_policy_clip='authors' is the authors' whole loss, advantage included
@@ -461,10 +486,6 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if args.algorithm in ("scope", "opd"):
             self._set_student_logprob_temperature()
             self.teacher = self._build_teacher(teacher_model, teacher)
-            if self._teacher_stop_tokens:  # student and teacher stop tokens differ: score the teacher's at the end
-                from .teachers.scorer import StopTokenMappedTeacher
-
-                self.teacher = StopTokenMappedTeacher(self.teacher, self._teacher_stop_tokens)
 
     def _warn_without_fp32_master_weights(self):
         """Warn when the optimiser would update bf16/fp16 parameters in place (no fp32 master copy).
@@ -531,92 +552,27 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ teacher set-up
 
-    _teacher_stop_tokens: dict = {}  # {student eos: teacher eos} when they differ (teachers.tokenizer_check)
-
     def _build_teacher(self, teacher_model, teacher):
-        if teacher is not None:
-            return teacher
-        from .teachers import InProcessTeacher, ServerTeacher, check_tokenizers_match, load_teacher_model
+        """The teacher (``args.teacher_model`` / ``teacher_server_url``), or a TeacherPool of ``args.teachers``.
+
+        Each teacher is built by :func:`scope_opd.teachers.routing.build_teacher`: tokenizer check against the
+        student, stop-token map, server context-length check. With ``args.teachers``, ``teacher`` may be a
+        mapping name -> scorer standing in for those teachers.
+        """
+        from .teachers.routing import build_teacher, build_teacher_pool, check_dataset_routes
 
         args = self.args
-        student_name = getattr(self.model.config, "_name_or_path", "student")
-        if teacher_model is None and args.teacher_model is None and args.teacher_server_url is None:
-            raise ValueError(
-                f"algorithm={args.algorithm!r} needs a teacher: set teacher_model (hub id or path) or teacher_server_url"
-            )
-        teacher_name = (
-            teacher_model if isinstance(teacher_model, str) else None
-        ) or args.teacher_model or args.teacher_server_model or args.teacher_server_url
-        if isinstance(teacher_model, PreTrainedModel):
-            teacher_name = getattr(teacher_model.config, "_name_or_path", "teacher")
-        tokenizer_source = args.teacher_tokenizer or (
-            teacher_name if not isinstance(teacher_model, PreTrainedModel) else teacher_model.config._name_or_path
-        )
-        teacher_tokenizer = None
-        if tokenizer_source and tokenizer_source != args.teacher_server_url:
-            try:
-                teacher_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-            except (OSError, ValueError) as err:
-                if args.teacher_server_url is None:
-                    raise ValueError(f"cannot load the teacher tokenizer from {tokenizer_source!r}: {err}") from err
-        if teacher_tokenizer is not None:
-            check_tokenizers_match(
-                self._tokenizer, teacher_tokenizer, student_name, teacher_name,
-                allow_special_token_mismatch=args.teacher_allow_special_token_mismatch,
-            )
-            from .teachers.tokenizer_check import stop_token_map
-
-            self._teacher_stop_tokens = stop_token_map(self._tokenizer, teacher_tokenizer)
-        else:
-            warnings.warn(
-                f"teacher tokenizer not available for {teacher_name!r}: the student/teacher tokenizer check is "
-                "skipped; set teacher_tokenizer to a local path or hub id to enable it",
-                stacklevel=2,
-            )
-
-        if args.teacher_server_url:
-            server_teacher = ServerTeacher(
-                args.teacher_server_url,
-                model=args.teacher_server_model,
-                api_key_env=args.teacher_api_key_env,
-                timeout_s=args.teacher_timeout,
-                max_retries=args.teacher_max_retries,
-                max_concurrency=args.teacher_max_concurrency,
-            )
-            # --- teacher context-length check (ServerTeacher.check_context_length, owned by server_client.py) ---
-            # Fails now, naming both numbers, if the server's max_model_len cannot hold a prompt +
-            # max_completion_length + 1 (vLLM would refuse such rows mid-run); rows still too long fail when scored.
-            server_teacher.check_context_length(args.max_completion_length, getattr(args, "max_prompt_length", None))
-            # --- end teacher context-length check ---
-            return server_teacher
-
-        if isinstance(teacher_model, PreTrainedModel):
-            model = teacher_model
-        else:
-            # As TRL loads its reference model (device_map=None under DDP/DeepSpeed: zero.Init shards it under ZeRO-3).
-            model = load_teacher_model(teacher_model or args.teacher_model, dtype=args.teacher_dtype,
-                                       distributed_type=args.distributed_state.distributed_type)
-        from .teachers import check_models_compatible
-
-        check_models_compatible(self.model.config, model.config, student_name, teacher_name)
-        model.eval()
-        model.requires_grad_(False)
-        # Placed and wrapped the way TRL prepares its reference model, so ZeRO-3 / FSDP shard it.
-        sharded = self._teacher_parameters_sharded()
-        if self.is_deepspeed_enabled:
-            model = prepare_deepspeed(model, self.accelerator)
-        elif self.is_fsdp_enabled:
-            model = prepare_fsdp(model, self.accelerator)
-        else:
-            model = self.accelerator.prepare_model(model, evaluation_mode=True)
-        return InProcessTeacher(
-            model,
-            batch_size=args.teacher_batch_size,
-            device=self.accelerator.device,
-            temperature=args.teacher_temperature,
-            # Sharded forwards are collectives: every rank runs as many as the busiest rank.
-            synced_ranks=sharded and self.accelerator.num_processes > 1,
-        )
+        if args.teachers is not None:
+            if teacher_model is not None or (teacher is not None and not isinstance(teacher, dict)):
+                raise ValueError("with args.teachers, pass teacher= as a mapping name -> scorer (or nothing), "
+                                 "not teacher_model= or one teacher")
+            pool = build_teacher_pool(self, teacher)
+            if args.teacher_routing == "key":
+                check_dataset_routes(self.train_dataset, args.teacher_key, pool.names)
+            return pool
+        if teacher is not None:
+            return teacher
+        return build_teacher(self, args, teacher_model)
 
     def _teacher_parameters_sharded(self) -> bool:
         """Whether the teacher's parameters are split across ranks once wrapped like TRL's reference model.
@@ -737,10 +693,13 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
     def _teacher_scores(self, row_index, prompt_ids, completions):
         """``teacher.score`` of these rows, from the overlapped prefetch where it scored the same ids."""
         prefetch, self._teacher_prefetch = self._teacher_prefetch, None
+        from .teachers.routing import routing_kwargs
+
+        routed = routing_kwargs(self, self._score_rows, row_index)
         if prefetch is None:
-            return self.teacher.score(prompt_ids, completions)
+            return self.teacher.score(prompt_ids, completions, **routed)
         try:
-            return prefetch.scores(row_index, prompt_ids, completions)
+            return prefetch.scores(row_index, prompt_ids, completions, **routed)
         finally:
             prefetch.close()
             metrics = self._metrics["train"]
@@ -830,10 +789,13 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ steps 2-5: verdicts, teacher, weights
 
+    _score_rows = None  # this process's dataset rows of the generation batch (teacher_routing='key')
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if self.args.algorithm == "grpo":
             return output
+        self._score_rows = inputs if isinstance(inputs, list) else None
         if "pixel_values" in output or "tool_mask" in output:
             raise NotImplementedError("SCOPE/OPD support text-only, single-turn rollouts")
         output.update(self._scope_inputs(output))
@@ -991,8 +953,9 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         # Every process must join the reduction with the same keys, even one whose teacher did nothing.
         keys = sorted(delta)
         local = torch.tensor([[float(delta[k]) for k in keys]], dtype=torch.float32, device=self.accelerator.device)
-        totals = self.accelerator.gather(local).sum(dim=0).tolist() if keys else []
-        for key, value in zip(keys, totals):
+        totals = dict(zip(keys, self.accelerator.gather(local).sum(dim=0).tolist() if keys else []))
+        summarize = getattr(self.teacher, "summarize_counters", None)  # TeacherPool: per-teacher fractions and means
+        for key, value in (summarize(totals) if callable(summarize) else totals).items():
             self._metrics[mode][f"teacher/{key}"].append(value)
 
     # ------------------------------------------------------------------ step 6: the loss

@@ -53,7 +53,8 @@ def test_every_option_is_reachable_from_hydra_overrides():
     overrides = {"tau": 0.5, "weight_normalization": "sum", "student_weighting": "inverse",
                  "teacher_weighting": "uniform", "loss_aggregation": "seq-mean-token-mean", "correct_threshold": 0.5,
                  "algorithm": "opd", "mle_surrogate": "logp", "clip_epsilon": 0.2, "clip_epsilon_high": 0.28,
-                 "dual_clip": 3.0, "opd_advantage": "old", "skip_teacher_on_correct": False}
+                 "dual_clip": 3.0, "opd_advantage": "old", "skip_teacher_on_correct": False,
+                 "teacher_routing": "key"}
     assert set(overrides) == {f.name for f in dataclasses.fields(ScopeOptions)}
     options = scope_options(compose_config([f"scope.{k}={str(v).lower()}" for k, v in overrides.items()]))
     assert options == ScopeOptions(**overrides)

@@ -67,17 +67,25 @@ class TeacherPrefetch:
         self._pending_rows = 0
         self._closed = False
         self._submitted: list[tuple[list[int], list[list[int]], list[list[int]], Future]] = []
+        self._names: dict[int, str] = {}  # row -> its teacher (key routing over several teachers)
         self.busy_seconds = 0.0  # time the background thread spent scoring
         self.prefetched_rows = 0
         self.missed_rows = 0
         self._thread = threading.Thread(target=self._run, name="teacher-overlap", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: list[int], prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> None:
-        """Queue ``rows`` (batch row numbers) for scoring; raises a failure of an earlier submission first."""
+    def submit(self, rows: list[int], prompt_ids: list[list[int]], completion_ids: list[list[int]],
+               teacher_names: list[str] | None = None) -> None:
+        """Queue ``rows`` (batch row numbers) for scoring; raises a failure of an earlier submission first.
+
+        ``teacher_names``: each row's teacher under key routing (a :class:`~scope_opd.teachers.routing.TeacherPool`),
+        passed on to ``teacher.score`` and part of what a cached result must match.
+        """
         self.raise_if_failed()
         if not rows:
             return
+        if teacher_names is not None:
+            self._names.update(zip(rows, teacher_names))
         future: Future = Future()
         with self._cond:
             while self.max_pending_rows and self._pending_rows and self._pending_rows + len(rows) > self.max_pending_rows:
@@ -100,9 +108,10 @@ class TeacherPrefetch:
                 batch, self._queue = self._queue, []
             prompts = [p for _, ps, _, _ in batch for p in ps]
             completions = [c for _, _, cs, _ in batch for c in cs]
+            routed = {"teacher_names": [self._names[r] for rows, *_ in batch for r in rows]} if self._names else {}
             start = time.perf_counter()
             try:
-                scored = self.teacher.score(prompts, completions)
+                scored = self.teacher.score(prompts, completions, **routed)
                 if len(scored) != len(prompts):
                     raise RuntimeError(f"teacher returned {len(scored)} rows for {len(prompts)} requested")
             except BaseException as exc:  # handed to the trainer, which raises it in the training step
@@ -126,8 +135,9 @@ class TeacherPrefetch:
                 self.close()
                 raise future.exception()
 
-    def scores(self, rows: list[int], prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
-        """Teacher log-probs of ``rows``, as ``teacher.score`` would return them for these ids.
+    def scores(self, rows: list[int], prompt_ids: list[list[int]], completion_ids: list[list[int]],
+               teacher_names: list[str] | None = None) -> list[torch.Tensor]:
+        """Teacher log-probs of ``rows``, as ``teacher.score`` would return them for these ids (and teachers).
 
         Waits for every submitted chunk (re-raising the first failure), takes each row's result if
         it was scored for the same token ids, and scores the other rows now, in one call.
@@ -147,14 +157,16 @@ class TeacherPrefetch:
             hit = prefetched.get(row)
             if len(completion) == 0:  # nothing to score (never sent): what teacher.score returns for it
                 out[position] = torch.empty(0, dtype=torch.float32)
-            elif hit is not None and hit[0] == list(prompt) and hit[1] == list(completion):
+            elif (hit is not None and hit[0] == list(prompt) and hit[1] == list(completion)
+                  and (teacher_names is None or self._names.get(row) == teacher_names[position])):
                 out[position] = hit[2]
             else:
                 missing.append(position)
         self.prefetched_rows += sum(1 for c in completion_ids if len(c)) - len(missing)
         self.missed_rows += len(missing)
         if missing:
-            late = self.teacher.score([prompt_ids[p] for p in missing], [completion_ids[p] for p in missing])
+            routed = {} if teacher_names is None else {"teacher_names": [teacher_names[p] for p in missing]}
+            late = self.teacher.score([prompt_ids[p] for p in missing], [completion_ids[p] for p in missing], **routed)
             if len(late) != len(missing):
                 raise RuntimeError(f"teacher returned {len(late)} rows for {len(missing)} requested")
             for position, values in zip(missing, late):
@@ -261,8 +273,11 @@ class EarlyVerifier:
         trainer._phase_seconds["reward"] += seconds
         trainer._phase_seconds["generation"] -= seconds
         if self.prefetch is not None:
-            self.prefetch.submit([row_numbers[j] for j in wanted], [list(self.prompt_ids[row_numbers[j]]) for j in wanted],
-                                 [list(completion_ids[j]) for j in wanted])
+            from .routing import routing_kwargs
+
+            sent = [row_numbers[j] for j in wanted]
+            self.prefetch.submit(sent, [list(self.prompt_ids[r]) for r in sent], [list(completion_ids[j]) for j in wanted],
+                                 **routing_kwargs(trainer, self.rows, sent))
 
     def _rewards(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
         """``[n, F]`` rewards of these rows on this process: TRL's call convention, without its gather."""

@@ -37,6 +37,7 @@ LOSS_OPTIONS_KEY = "scope_loss_options"
 # +inf, a value no log-prob takes (a real teacher's failures are NaN or -inf), so the driver can tell a skipped
 # row from a teacher failure and raise when it calls such a row incorrect.
 SKIPPED_TEACHER_LOGPROB = float("inf")
+TEACHER_ROUTINGS = ("key", "min_perplexity")  # scope.teacher_routing (names as SCOPEConfig's; verl: key only)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class ScopeOptions:
     # Ask the teacher only about rollouts the verifier marked wrong (SCOPE reads no teacher value on
     # correct ones). Needs the agent loop manager of this plugin and streaming rewards.
     skip_teacher_on_correct: bool = True
+    # Several teachers: verl's own distillation.teacher_models + distillation.teacher_key route each sample to
+    # one teacher inside the agent loop ("key", the only routing supported here); the weights and the loss then
+    # read each rollout's teacher_logprobs, i.e. its routed teacher's. "min_perplexity" is refused (see
+    # check_verl_config).
+    teacher_routing: str = "key"
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -73,6 +79,7 @@ class ScopeOptions:
             ("loss_aggregation", self.loss_aggregation, AGGREGATIONS),
             ("mle_surrogate", self.mle_surrogate, MLE_SURROGATES),
             ("opd_advantage", self.opd_advantage, OPD_ADVANTAGES),
+            ("teacher_routing", self.teacher_routing, TEACHER_ROUTINGS),
         ):
             if value not in allowed:
                 raise ValueError(f"scope.{name} must be one of {allowed}, got {value!r}")
@@ -193,6 +200,14 @@ def check_verl_config(config: Mapping) -> ScopeOptions:
                 f"actor_rollout_ref.rollout.agent.agent_loop_manager_class is {manager!r}; scope.skip_teacher_on_correct "
                 f"needs {AGENT_LOOP_MANAGER!r} (or set scope.skip_teacher_on_correct=false)"
             )
+    if options.teacher_routing == "min_perplexity":
+        problems.append(
+            "scope.teacher_routing='min_perplexity' is not supported on verl (use 'key', verl's own routing by "
+            f"distillation.teacher_key={_get(config, 'distillation.teacher_key')!r}): it needs every teacher to score "
+            "each wrong rollout inside the agent loop, and verl 0.9.1's TeacherManager asks one teacher per sample; the "
+            "hook that would fan a sample out to all teachers (the agent loop's _compute_teacher_logprobs) is not "
+            "tested against verl's real teacher servers, so it is refused rather than shipped untested"
+        )
     if problems:
         raise ValueError("verl config is not set up for SCOPE:\n  - " + "\n  - ".join(problems))
     return options
