@@ -17,7 +17,7 @@ defaults, 512 x 32,768 float32 = 64 MiB, against ``completion tokens x V`` for m
 (2 rows x 4,096 tokens x 151,936 = 4.6 GiB in float32). ``benchmarks/bench_topk_scorer.py``
 measures it beside the logits path and TRL's fused head.
 
-Unlike TRL's fused head it gives the teacher's top-k (what the planned ``opd_loss="topk_*"`` trainer options and vLLM's
+Unlike TRL's fused head it gives the teacher's top-k (what the ``opd_loss="topk_*"`` trainer options and vLLM's
 ``prompt_logprobs`` format need) and, on CPU, projects only the completion positions.
 
 The scorer computes ``lm_head(final hidden state)`` itself, so a model whose forward does more
