@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from scope_opd.teachers.chunked_scorer import ChunkedTeacherScorer
 from scope_opd.trainer import SCOPEConfig, SCOPETrainer
 
 from test_trainer import dataset, has_digit_reward, load_student, make_args
@@ -92,6 +93,7 @@ def build(tmp_path, tiny_pair_dir, trainer_cls=GradientRecorder, **overrides):
 def test_topk_step_loss_and_gradient_equal_the_formula_from_full_logits(tmp_path, tiny_pair_dir, opd_loss, aggregation):
     trainer = build(tmp_path, tiny_pair_dir, opd_loss=opd_loss, loss_aggregation=aggregation, learning_rate=0.0)
     trainer.train()
+    assert isinstance(trainer._topk_teacher, ChunkedTeacherScorer)  # the memory-lean in-process top-k
     (record,) = trainer.records
     inputs = record["inputs"]
     correct = inputs["scope_correct"].bool()

@@ -964,6 +964,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ---- top-k OPD losses (opd_loss='topk_*', issue 20)
 
+    _topk_teacher = None  # what _score_teacher_topk asks (teachers.chunked_scorer.memory_lean of the teacher)
+
     def _check_topk_teacher(self):
         """A top-k ``opd_loss`` needs a teacher with ``score_topk`` that scores the student's own ids."""
         if self.args.opd_loss == "sampled" or self.teacher is None:
@@ -975,6 +977,13 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if not callable(getattr(self.teacher, "score_topk", None)):
             raise ValueError(f"opd_loss={self.args.opd_loss!r} needs a teacher with score_topk(prompt_ids, "
                              f"completion_ids, k); {type(self.teacher).__name__} has none")
+        check = getattr(self.teacher, "check_top_k", None)
+        if callable(check):  # a server: its --max-logprobs must allow teacher_top_k (fails now, naming both)
+            check(self.args.teacher_top_k)
+        from .teachers.chunked_scorer import memory_lean
+
+        # In-process: the top-k come from the tiled scorer over the same model (no [tokens, V] logits).
+        self._topk_teacher = memory_lean(self.teacher)
 
     def _score_teacher_topk(self, output, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``_score_teacher`` for the top-k losses: the sampled tokens' log-probs ``[B, T]`` (NaN off ``rows``,
@@ -990,7 +999,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
             completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
             start = self._clock()
-            scored = self.teacher.score_topk(prompt_ids, completions, k)
+            scored = self._topk_teacher.score_topk(prompt_ids, completions, k)
             self._phase_seconds["teacher"] += self._clock() - start
             if len(scored) != len(row_index):
                 raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")

@@ -261,35 +261,17 @@ class InProcessTeacher:
                         self.model(input_ids=pad, use_cache=False)
         return results  # type: ignore[return-value]
 
-    _topk_scorer = None  # the memory-lean scorer score_topk uses (built at its first call)
-
     def score_topk(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int) -> list[TokenScores]:
         """Per row, the completion tokens' log-probs and the teacher's top-``k`` ids and log-probs (``opd_loss='topk_*'``).
 
-        Memory-lean: scored by :class:`~scope_opd.teachers.chunked_scorer.ChunkedTeacherScorer` over this same model (only
-        completion positions projected, in ``[tokens, vocab]`` tiles) where it can serve: a separate LM head
-        that reproduces the model's own logits, whole on this rank. Elsewhere (no such head; parameters
-        sharded by ZeRO-3 / FSDP, whose forwards are collectives) the logits path of :meth:`score_tokens`.
-        ``k`` is capped by the vocabulary; every row gets the same width.
+        :meth:`score_tokens` with ``top_k=k`` (``k`` capped by the vocabulary; every row the same width).
+        Here through the logits path; :class:`~scope_opd.teachers.chunked_scorer.ChunkedTeacherScorer`
+        inherits it with its tiles, and :func:`~scope_opd.teachers.chunked_scorer.memory_lean` picks that
+        one for a model it can serve (what the trainer does).
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        return self._memory_lean_scorer().score_tokens(prompt_ids, completion_ids, top_k=k)
-
-    def _memory_lean_scorer(self) -> InProcessTeacher:
-        if self._topk_scorer is None:
-            from .chunked_scorer import ChunkedTeacherScorer
-
-            self._topk_scorer = self
-            if not isinstance(self, ChunkedTeacherScorer) and not self.synced_ranks:
-                try:
-                    self._topk_scorer = ChunkedTeacherScorer(
-                        self.model, batch_size=self.batch_size, max_tokens_per_batch=self.max_tokens_per_batch,
-                        device=self.device, temperature=self.temperature,
-                    )
-                except ValueError as err:
-                    logger.warning("top-k teacher scores use the logits path: %s", err)
-        return self._topk_scorer
+        return self.score_tokens(prompt_ids, completion_ids, top_k=k)
 
     def _forwards_behind(self, own_forwards: int) -> int:
         """How many more forwards the busiest rank runs in this call than this one."""
