@@ -149,7 +149,8 @@ class SCOPEConfig(GRPOConfig):
             "log-ratio), 'topk_reverse' (the authors' release option: reverse KL from the student to the teacher, both "
             "renormalised on the teacher's top-k tokens), 'topk_forward' (forward KL over the teacher's top-k plus one "
             "tail bucket). Each row's loss is weighted by SCOPE's teacher weight (eq. 5, from the sampled tokens). The "
-            "top-k options need off_policy_clip='none' and opd_advantage unset or 'current'."
+            "top-k options need off_policy_clip='none' and opd_advantage unset or 'current'.",
+            "choices": OPD_LOSSES,
         },
     )
     teacher_top_k: int = field(
