@@ -161,3 +161,12 @@ def test_topk_with_sampler_logprobs_for_the_student_weights(tmp_path, tiny_pair_
     (record,) = trainer.records
     assert trainer.state.log_history[0]["scope/student_logp_from_sampler"] == 1.0
     torch.testing.assert_close(record["loss"], record["expected"], rtol=1e-5, atol=1e-6)
+
+
+def test_scope_loss_refuses_to_clip_a_top_k_divergence():
+    from scope_opd import scope_loss
+
+    logp = torch.zeros(1, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="no importance ratio to clip"):
+        scope_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1), torch.ones(1), torch.ones(1),
+                   opd_token_loss=torch.zeros(1, 2), clip_epsilon=0.2)
