@@ -75,13 +75,36 @@ def cost_child(opd_loss: str, settings, steps: int, out_file: str) -> None:
                      runs=1)
     dataset = _task_dataset(settings.task, settings.train_problems, seed=0)
     overrides = {"algorithm": "scope", "opd_loss": opd_loss}
+    cpu_start = time.process_time()
     (_, _, history, _), peak, seconds = peak_memory_of(
         torch.device("cpu"), lambda: train_one(method_name(opd_loss), overrides, 0, ctx, dataset, settings,
                                                Path(ctx.out)))
+    cpu_per_step = (time.process_time() - cpu_start) / steps
     step_times = [h["step_time"] for h in history if "step_time" in h][1:] or [math.nan]
     with open(out_file, "w") as f:
         json.dump({"peak_bytes": peak, "seconds": seconds, "step_time": sum(step_times) / len(step_times),
-                   "steps": len(step_times)}, f)
+                   "steps": len(step_times), "cpu_per_step": cpu_per_step}, f)
+
+
+def print_quality(summary: dict, out) -> None:
+    """The quality lines of a run (scores in %; paired differences in points with their 95% intervals)."""
+    k, seeds = summary["k"], len(summary["seeds"])
+    settings = summary["settings"]
+    print(f"quality: {summary['task']} task, {settings['steps']} steps, {seeds} seeds, Avg@{k} / Pass@{k} on "
+          f"{settings['test_problems']} held-out problems, % (mean +- std over seeds; results in {out})")
+    timing = summary["timing_seconds"]
+    for loss in OPD_LOSSES:
+        name = method_name(loss)
+        m = summary["methods"][name]
+        cpu = [v["cpu"] for label, v in timing.items() if label.startswith(name + " seed")]
+        print(f"  {loss:>13}: Avg@{k} {100 * m['avg']:.1f} +- {100 * m['avg_std']:.1f}, Pass@{k} {100 * m['pass']:.1f} "
+              f"+- {100 * m['pass_std']:.1f}; per seed Avg@{k} {[round(100 * s['avg'], 1) for s in m['seeds']]}; "
+              f"CPU seconds per run (train + eval) {sum(cpu) / max(len(cpu), 1):.0f}")
+    for loss in OPD_LOSSES[1:]:
+        c = summary["comparisons"][f"{method_name(loss)}-scope"]
+        ci = lambda v: "n/a" if v is None else f"[{100 * v[0]:+.1f}, {100 * v[1]:+.1f}]"  # noqa: E731
+        print(f"  {loss} - sampled (paired, n={c['n']}): Avg@{k} {100 * c['avg_diff']:+.1f} {ci(c['ci95'])}, "
+              f"Pass@{k} {100 * c['pass_diff']:+.1f} {ci(c['pass_ci95'])}")
 
 
 def main() -> None:
@@ -91,6 +114,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cost-steps", type=int, default=6, help="training steps per option for the cost figures")
     parser.add_argument("--skip-quality", action="store_true", help="only the step time and memory")
+    parser.add_argument("--from-results", help="print the quality lines of a finished run's results.json and stop")
     parser.add_argument("--out", default=None, help="where results.json goes (default: a temporary folder)")
     parser.add_argument("--child", choices=OPD_LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -99,6 +123,9 @@ def main() -> None:
     from scope_opd.demo.settings import quick_settings, task_settings
 
     settings = quick_settings() if args.quick else task_settings()
+    if args.from_results:
+        print_quality(json.loads(Path(args.from_results).read_text()), Path(args.from_results).parent)
+        return
     if args.child:
         cost_child(args.child, settings, args.cost_steps, args.child_out)
         return
@@ -118,22 +145,13 @@ def main() -> None:
     for loss in OPD_LOSSES:
         c = costs[loss]
         print(f"  {loss:>13}: step time {c['step_time']:.2f} s (mean of {c['steps']} steps after the first), "
+              f"{c['cpu_per_step']:.2f} CPU s per step (all steps, this process), "
               f"peak {c['peak_bytes'] / MIB:,.0f} MiB above the loaded process")
     if args.skip_quality:
         return
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="toy_opd_loss_runs_"))
-    summary = quality(out, args.seeds, settings, args.workers)
-    k = settings.k
-    print(f"quality: {settings.task} task, {settings.steps} steps, {args.seeds} seeds, Avg@{k} / Pass@{k} on "
-          f"{settings.test_problems} held-out problems (mean +- std over seeds; results in {out})")
-    for loss in OPD_LOSSES:
-        m = summary["methods"][method_name(loss)]
-        print(f"  {loss:>13}: Avg@{k} {m['avg']:.1f} +- {m['avg_std']:.1f}, Pass@{k} {m['pass']:.1f} +- {m['pass_std']:.1f}")
-    for loss in OPD_LOSSES[1:]:
-        c = summary["comparisons"][f"{method_name(loss)}-scope"]
-        print(f"  {loss} - sampled (paired, n={c['n']}): Avg@{k} {c['avg_diff']:+.1f} [{c['ci95'][0]:+.1f}, "
-              f"{c['ci95'][1]:+.1f}], Pass@{k} {c['pass_diff']:+.1f} [{c['pass_ci95'][0]:+.1f}, {c['pass_ci95'][1]:+.1f}]")
+    print_quality(quality(out, args.seeds, settings, args.workers), out)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min, load average {os.getloadavg()[0]:.1f} at the end")
 
 
