@@ -1,4 +1,4 @@
-"""Peak memory of in-process teacher scoring: TRL's fused LM head vs materialised logits, side by side.
+"""Peak memory of in-process teacher scoring: TRL's fused head, materialised logits and the chunked top-k path.
 
 Each path runs in a fresh child process (so neither inherits the other's allocator state) on the
 same randomly initialised Qwen2-shaped teacher: a realistic vocabulary (151,936, Qwen2's) and
@@ -14,8 +14,14 @@ inputs are not counted, the activations and the logits (or the fused head's tile
 With ``--model`` the teacher is that checkpoint (its vocabulary, hidden size and layers; ``--vocab``,
 ``--hidden`` and ``--layers`` are ignored) and the token ids are drawn from its vocabulary.
 
-The last line reads ``teacher peak memory: fused X MiB vs logits Y MiB (Zx less)``; the line before
-it, the largest difference between the two paths' log-probs.
+Paths: ``fused`` (``InProcessTeacher``, TRL's head: what ``opd_loss="sampled"`` trains with), ``logits``
+(``fused=False``), ``chunked`` (``score_topk(..., --top-k)`` of ``chunked_scorer.memory_lean(teacher)``: the
+tiled ``ChunkedTeacherScorer`` that ``opd_loss="topk_*"`` trains with, returning the sampled tokens' log-probs and
+the teacher's top-k per position).
+
+The last line reads ``teacher peak memory: chunked X MiB vs logits Y MiB (Zx less)`` (the top-k path
+against materialised logits); the lines before it, each path's peak and time, the fused head's ratio, and
+the largest differences between the paths' log-probs.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import tempfile
 import torch
 from _memory import MIB, peak_memory_of
 
+PATHS = ("fused", "logits", "chunked")
+
 
 def measure(path: str, args, out_file: str) -> None:
-    """Child process: build the teacher, score once on ``path`` ("fused" or "logits"), write peak and log-probs."""
+    """Child process: build the teacher, score once on ``path`` ("fused", "logits" or "chunked"), write peak and log-probs."""
     from scope_opd.teachers import InProcessTeacher
 
     torch.set_num_threads(args.threads)
@@ -45,8 +53,20 @@ def measure(path: str, args, out_file: str) -> None:
     completions = [torch.randint(0, args.vocab, (args.completion_tokens,), generator=generator).tolist() for _ in range(args.rows)]
     teacher = InProcessTeacher(model, batch_size=args.rows, temperature=args.temperature, fused=path == "fused")
     assert teacher.fused == (path == "fused"), f"{path} path not available"
+    if path == "chunked":
+        from scope_opd.teachers.chunked_scorer import ChunkedTeacherScorer, memory_lean
 
-    scores, peak, seconds = peak_memory_of(device, lambda: teacher.score(prompts, completions))
+        # Built (and self-checked) before the measurement, as the trainer builds it before its first step.
+        teacher = memory_lean(teacher)
+        assert isinstance(teacher, ChunkedTeacherScorer), "the chunked scorer cannot serve this model"
+
+        def score():
+            return [row.logprobs for row in teacher.score_topk(prompts, completions, args.top_k)]
+    else:
+        def score():
+            return teacher.score(prompts, completions)
+
+    scores, peak, seconds = peak_memory_of(device, score)
     torch.save(torch.stack(scores), out_file + ".pt")
     with open(out_file, "w") as f:
         json.dump({"peak_bytes": peak, "seconds": seconds}, f)
@@ -92,7 +112,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are ~6x slower)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in the child processes")
-    parser.add_argument("--child", choices=("fused", "logits"), help=argparse.SUPPRESS)
+    parser.add_argument("--top-k", type=int, default=20, help="teacher tokens per position on the chunked path (teacher_top_k)")
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -103,7 +124,7 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_teacher_memory_") as tmp:
-        for path in ("fused", "logits"):
+        for path in PATHS:
             out = os.path.join(tmp, path + ".json")
             child = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", path, "--out", out]
             subprocess.run(child, check=True)
@@ -117,12 +138,15 @@ def main() -> None:
           f"vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, temperature {args.temperature}"
           + (f"; model {args.model}" if args.model else " (random Qwen2)"))
     print(f"[completion tokens, V] logits alone would be {logits_bytes / MIB:,.0f} MiB")
-    for path in ("fused", "logits"):
-        print(f"{path:>6}: peak {results[path]['peak_bytes'] / MIB:,.0f} MiB, {results[path]['seconds']:.1f} s")
-    diff = (results["fused"]["logprobs"] - results["logits"]["logprobs"]).abs().max().item()
-    print(f"max |fused - logits| log-prob difference: {diff:.2e}")
-    fused, logits = results["fused"]["peak_bytes"] / MIB, results["logits"]["peak_bytes"] / MIB
-    print(f"teacher peak memory: fused {fused:,.0f} MiB vs logits {logits:,.0f} MiB ({logits / max(fused, 1e-9):.1f}x less)")
+    for path in PATHS:
+        label = f"chunked (top-{args.top_k})" if path == "chunked" else path
+        print(f"{label:>16}: peak {results[path]['peak_bytes'] / MIB:,.0f} MiB, {results[path]['seconds']:.1f} s")
+    for path in ("fused", "chunked"):
+        diff = (results[path]["logprobs"] - results["logits"]["logprobs"]).abs().max().item()
+        print(f"max |{path} - logits| log-prob difference: {diff:.2e}")
+    fused, chunked, logits = (results[path]["peak_bytes"] / MIB for path in ("fused", "chunked", "logits"))
+    print(f"fused head: {fused:,.0f} MiB vs logits {logits:,.0f} MiB ({logits / max(fused, 1e-9):.1f}x less)")
+    print(f"teacher peak memory: chunked {chunked:,.0f} MiB vs logits {logits:,.0f} MiB ({logits / max(chunked, 1e-9):.1f}x less)")
 
 
 if __name__ == "__main__":

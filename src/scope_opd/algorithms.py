@@ -315,6 +315,7 @@ def scope_loss(
     dual_clip: float | None = None,
     token_weights: torch.Tensor | None = None,
     opd_advantage: str = "current",
+    opd_token_loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SCOPE surrogate objective (paper eqs. 6-7), to be minimised.
 
@@ -363,6 +364,11 @@ def scope_loss(
             loss of the whole batch. Defaults to this batch's own :func:`loss_denominators`.
             Ignored for ``"sum"``.
         opd_advantage: ``"current"`` (default, paper) or ``"old"`` (authors' code), see above.
+        opd_token_loss: optional ``[B, T]`` per-token OPD loss that replaces the sampled-token surrogate
+            on incorrect rows (``opd_loss="topk_*"``: :func:`topk_opd_token_loss`); each token's loss is
+            ``w_tea * opd_token_loss`` (times ``token_weights``), aggregated as above. A divergence has no
+            importance ratio, so it refuses ``clip_epsilon`` / ``dual_clip``; ``teacher_logp`` is still
+            read for the logged ``opd/log_ratio_mean``.
 
     Returns:
         ``(loss, metrics)``: a scalar float32 tensor, and a dict of floats for logging:
@@ -388,12 +394,16 @@ def scope_loss(
         raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
     if opd_advantage not in OPD_ADVANTAGES:
         raise ValueError(f"opd_advantage must be one of {OPD_ADVANTAGES}, got {opd_advantage!r}")
+    if opd_token_loss is not None and (clip_epsilon is not None or dual_clip is not None):
+        raise ValueError("opd_token_loss (a top-k divergence per token) has no importance ratio to clip: "
+                         "clip_epsilon / dual_clip apply only to the sampled-token surrogate")
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     batch, _ = logp.shape
     if batch == 0 or logp.shape[1] == 0:
         raise ValueError(f"scope_loss got an empty batch, logp shape {tuple(logp.shape)}")
-    shaped = {"old_logp": old_logp, "mask": mask, "teacher_logp": teacher_logp, "token_weights": token_weights}
+    shaped = {"old_logp": old_logp, "mask": mask, "teacher_logp": teacher_logp, "token_weights": token_weights,
+              "opd_token_loss": opd_token_loss}
     for name, x in shaped.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(logp.shape)} like logp")
@@ -443,6 +453,14 @@ def scope_loss(
     advantage = torch.where(correct[:, None], w_stu.expand_as(rho), -w_tea * advantage_log_ratio)
     token_loss = _clipped_token_loss(rho, advantage, clip_epsilon, clip_epsilon_high, dual_clip)
     clipped = mask & (token_loss.detach() != (-rho * advantage).detach())
+    if opd_token_loss is not None:
+        # The top-k options: the per-token divergence, weighted by the row's teacher weight, replaces the
+        # sampled-token surrogate on the OPD path (its tokens were never clipped: clipping is refused above).
+        divergence = opd_token_loss.float()
+        bad = incorrect_tokens & ~torch.isfinite(divergence.detach())
+        if bad.any():
+            raise ValueError(f"opd_token_loss is NaN/inf on masked tokens of incorrect rows {_row_list(bad.any(dim=1))}")
+        token_loss = torch.where(incorrect_tokens, w_tea * torch.where(incorrect_tokens, divergence, 0.0), token_loss)
     if mle_surrogate == "logp":
         # The authors' MLE path has no ratio, so nothing to clip there.
         token_loss = torch.where(correct[:, None], -w_stu * torch.where(mask, logp32, 0.0), token_loss)
@@ -565,7 +583,7 @@ def topk_reverse_kl(
     *,
     teacher_topk_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token reverse KL on the teacher's top-k, both renormalised there (the planned ``opd_loss="topk_reverse"``; not yet a trainer option).
+    """Per-token reverse KL on the teacher's top-k, both renormalised there (``opd_loss="topk_reverse"``).
 
     The authors' release option (``DISTILL_SIGNAL_IN_LOSS=True`` with the top-k type,
     ``shared/SCOPE_METHOD.md`` section 9). At each position, with ``S`` the teacher's top-k ids,
@@ -627,7 +645,7 @@ def topk_forward_kl(
     *,
     teacher_topk_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token forward KL over the teacher's top-k plus a tail bucket (the planned ``opd_loss="topk_forward"``; not yet a trainer option).
+    """Per-token forward KL over the teacher's top-k plus a tail bucket (``opd_loss="topk_forward"``).
 
     TRL's tail-bucket form (``add_tail_bucket`` in its server-distillation and SDPO trainers). At each
     position, with ``S`` the teacher's top-k ids, the student's log-probs there
@@ -691,4 +709,26 @@ def topk_forward_kl(
     return torch.where(mask, per_token, 0.0)
 
 
-__all__ += ["OPD_LOSSES", "topk_reverse_kl", "topk_forward_kl"]
+def topk_opd_token_loss(
+    opd_loss: str,
+    student_topk_logits: torch.Tensor,
+    student_logsumexp: torch.Tensor,
+    teacher_topk_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    teacher_topk_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``[B, T]`` per-token OPD loss of ``opd_loss`` (``"topk_reverse"`` or ``"topk_forward"``).
+
+    What the trainer passes to :func:`scope_loss` as ``opd_token_loss``. ``student_logsumexp`` is only
+    read by ``"topk_forward"`` (its tail bucket); the renormalised reverse KL does not need it.
+    """
+    if opd_loss == "topk_reverse":
+        return topk_reverse_kl(student_topk_logits, teacher_topk_logp, mask, teacher_topk_ids=teacher_topk_ids)
+    if opd_loss == "topk_forward":
+        return topk_forward_kl(student_topk_logits, student_logsumexp, teacher_topk_logp, mask,
+                               teacher_topk_ids=teacher_topk_ids)
+    raise ValueError(f"opd_loss must be one of {OPD_LOSSES[1:]} for a top-k loss, got {opd_loss!r}")
+
+
+__all__ += ["OPD_LOSSES", "topk_reverse_kl", "topk_forward_kl", "topk_opd_token_loss"]

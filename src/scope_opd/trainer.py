@@ -34,10 +34,12 @@ from .algorithms import (
     AGGREGATIONS,
     NORMALIZATIONS,
     OPD_ADVANTAGES,
+    OPD_LOSSES,
     STUDENT_WEIGHTINGS,
     TEACHER_WEIGHTINGS,
     loss_denominators,
     scope_loss,
+    topk_opd_token_loss,
 )
 from .batch import needs_student_logp, path_weights, row_statistics, teacher_rows, verdicts, weight_metrics
 from .checkpointing import AtomicCheckpointMixin
@@ -138,6 +140,22 @@ class SCOPEConfig(GRPOConfig):
             "(TRL's tempered logits). 1.0: the student's own distribution, like the teacher's (temperature 1)."
         },
     )
+    # ---- top-k OPD losses (issue 20; docs/top-k.md)
+    opd_loss: str = field(
+        default="sampled",
+        metadata={
+            "help": "The OPD (incorrect) path's per-token loss: 'sampled' (default, the paper: the sampled token's "
+            "log-ratio), 'topk_reverse' (the authors' release option: reverse KL from the student to the teacher, both "
+            "renormalised on the teacher's top-k tokens), 'topk_forward' (forward KL over the teacher's top-k plus one "
+            "tail bucket). Each row's loss is weighted by SCOPE's teacher weight (eq. 5, from the sampled tokens). The "
+            "top-k options need off_policy_clip='none' and opd_advantage unset or 'current'.",
+            "choices": OPD_LOSSES,
+        },
+    )
+    teacher_top_k: int = field(
+        default=20, metadata={"help": "Teacher tokens per position for opd_loss='topk_*' (K; capped by the vocabulary)."}
+    )
+    # ---- end top-k OPD losses
     # Teacher
     teacher_model: str | None = field(default=None, metadata={"help": "Teacher hub id or local path (in-process)."})
     teacher_dtype: str = field(default="auto", metadata={"help": "Teacher dtype: auto, bfloat16, float16, float32."})
@@ -277,6 +295,7 @@ class SCOPEConfig(GRPOConfig):
         check_teacher_routing(self)
         if self.teacher_server_url and self.teacher_temperature != 1.0:
             raise ValueError("teacher_temperature != 1 is only supported in-process; server prompt_logprobs are at temperature 1")
+        self._check_opd_loss()
         if self.opd_advantage is None:  # off_policy_clip='authors' is the authors' whole loss, advantage included
             self.opd_advantage = "old" if self.off_policy_clip == "authors" else "current"
         if not self.dual_clip > 1:
@@ -333,6 +352,35 @@ class SCOPEConfig(GRPOConfig):
                 )
         self._check_student_logprob_source()  # after TRL's __post_init__: it derives steps_per_generation
         self._check_rollout_chunks()
+
+    def _check_opd_loss(self):
+        """``opd_loss`` / ``teacher_top_k``: known values, and the top-k options only with what they can mean."""
+        if self.opd_loss not in OPD_LOSSES:
+            raise ValueError(f"opd_loss must be one of {OPD_LOSSES}, got {self.opd_loss!r}")
+        if isinstance(self.teacher_top_k, bool) or not isinstance(self.teacher_top_k, int) or self.teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be an integer >= 1, got {self.teacher_top_k!r}")
+        if self.opd_loss == "sampled":
+            return
+        if self.algorithm not in ("scope", "opd"):
+            raise ValueError(f"opd_loss={self.opd_loss!r} is an option of the scope/opd teacher path; "
+                             f"algorithm={self.algorithm!r} has none (leave opd_loss='sampled')")
+        # A top-k divergence is computed in full at the current parameters at every position: it has no
+        # importance ratio for PPO / dual clipping to bound, and no sampled-token advantage to freeze.
+        if self.off_policy_clip != "none":
+            raise ValueError(f"opd_loss={self.opd_loss!r} with off_policy_clip={self.off_policy_clip!r}: the top-k "
+                             "losses are divergences over the teacher's top-k at each position, with no importance "
+                             "ratio to clip; set off_policy_clip='none' (the MLE path then uses the paper's ratio)")
+        if self.opd_advantage == "old":
+            raise ValueError(f"opd_loss={self.opd_loss!r} with opd_advantage='old': that option freezes the sampled "
+                             "token's log-ratio, which the top-k losses do not use; leave opd_advantage unset")
+        if self.teachers:
+            raise ValueError(f"opd_loss={self.opd_loss!r} with several teachers (teachers: {list(self.teachers)}): "
+                             "routing the top-k of several teachers is not supported yet (min_perplexity would "
+                             "compare teachers by their sampled-token scores while distilling their top-k); use "
+                             "opd_loss='sampled' with teachers:, or one teacher with the top-k loss")
+        if self.teacher_overlap:
+            raise ValueError(f"opd_loss={self.opd_loss!r} with teacher_overlap=True: the overlapped teacher scores "
+                             "sampled tokens only, not the top-k; set teacher_overlap=False")
 
     def _check_rollout_chunks(self):
         """``rollout_chunk_groups`` with TRL's vLLM server mode: refused where a chunk could split a prompt group.
@@ -486,6 +534,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if args.algorithm in ("scope", "opd"):
             self._set_student_logprob_temperature()
             self.teacher = self._build_teacher(teacher_model, teacher)
+            self._check_topk_teacher()
 
     def _warn_without_fp32_master_weights(self):
         """Warn when the optimiser would update bf16/fp16 parameters in place (no fp32 master copy).
@@ -881,6 +930,116 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             teacher_logps[i, :n] = values.to(teacher_logps.device, torch.float32)
         return teacher_logps
 
+    # ---- top-k OPD losses (opd_loss='topk_*', issue 20)
+
+    _topk_teacher = None  # what _score_teacher_topk asks (teachers.chunked_scorer.memory_lean of the teacher)
+
+    def _check_topk_teacher(self):
+        """A top-k ``opd_loss`` needs a teacher with ``score_topk`` that scores the student's own ids."""
+        if self.args.opd_loss == "sampled" or self.teacher is None:
+            return
+        from .teachers.scorer import StopTokenMappedTeacher
+
+        if isinstance(self.teacher, StopTokenMappedTeacher):
+            raise ValueError(f"opd_loss={self.args.opd_loss!r} with different student/teacher stop tokens "
+                             f"{self.teacher.stop_token_map}: the teacher's top-k would list its own stop token, which "
+                             "is another id for the student; use opd_loss='sampled' with this pair")
+        if not callable(getattr(self.teacher, "score_topk", None)):
+            raise ValueError(f"opd_loss={self.args.opd_loss!r} needs a teacher with score_topk(prompt_ids, "
+                             f"completion_ids, k); {type(self.teacher).__name__} has none")
+        check = getattr(self.teacher, "check_top_k", None)
+        if callable(check):  # a server: its --max-logprobs must allow teacher_top_k (fails now, naming both)
+            check(self.args.teacher_top_k)
+        from .teachers.chunked_scorer import memory_lean
+
+        # In-process: the top-k come from the tiled scorer over the same model (no [tokens, V] logits).
+        self._topk_teacher = memory_lean(self.teacher)
+
+    def _score_teacher_topk(self, output, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``_score_teacher`` for the top-k losses: the sampled tokens' log-probs ``[B, T]`` (NaN off ``rows``,
+        for the weights of eq. 5) and ``{"teacher_topk_ids", "teacher_topk_logps"}`` ``[B, T, K]`` (0 off ``rows``)."""
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        device = completion_ids.device
+        k = self.args.teacher_top_k
+        teacher_logps = torch.full(completion_ids.shape, float("nan"), device=device)
+        row_index = rows.nonzero().flatten().tolist()
+        lengths = completion_mask.sum(dim=1).tolist()
+        scored = []
+        if row_index or getattr(self.teacher, "synced_ranks", False):
+            prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
+            completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
+            start = self._clock()
+            scored = self._topk_teacher.score_topk(prompt_ids, completions, k)
+            self._phase_seconds["teacher"] += self._clock() - start
+            if len(scored) != len(row_index):
+                raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
+        # K is capped by the teacher's vocabulary: take the width it returned (every row the same).
+        widths = {int(s.top_ids.shape[1]) for s in scored if s.top_ids is not None and s.top_ids.dim() == 2}
+        if len(widths) > 1 or (widths and not 1 <= min(widths) <= k):
+            raise RuntimeError(f"teacher returned top-k widths {sorted(widths)} for teacher_top_k={k}")
+        width = widths.pop() if widths else k
+        topk_ids = torch.zeros(*completion_ids.shape, width, dtype=torch.long, device=device)
+        topk_logps = torch.zeros(*completion_ids.shape, width, dtype=torch.float32, device=device)
+        vocab = self.model.config.get_text_config().vocab_size
+        for i, values in zip(row_index, scored):
+            n = int(lengths[i])
+            shapes = (tuple(values.logprobs.shape), None if values.top_ids is None else tuple(values.top_ids.shape),
+                      None if values.top_logprobs is None else tuple(values.top_logprobs.shape))
+            if shapes != ((n,), (n, width), (n, width)):
+                raise RuntimeError(
+                    f"teacher returned shapes (logprobs, top_ids, top_logprobs) {shapes} for row {i} of the generation "
+                    f"batch, whose completion has {n} tokens; expected {((n,), (n, width), (n, width))}"
+                )
+            if n and not (0 <= int(values.top_ids.min()) and int(values.top_ids.max()) < vocab):
+                raise RuntimeError(f"teacher's top-k ids for row {i} fall outside the student's vocabulary [0, {vocab})")
+            teacher_logps[i, :n] = values.logprobs.to(device, torch.float32)
+            topk_ids[i, :n] = values.top_ids.to(device, torch.long)
+            topk_logps[i, :n] = values.top_logprobs.to(device, torch.float32)
+        return teacher_logps, {"teacher_topk_ids": topk_ids, "teacher_topk_logps": topk_logps}
+
+    def _student_topk_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss forward for the top-k losses: ``(per_token_logps [B, T], entropies [B, T],
+        student_topk_logits [B, T, K], student_logsumexp [B, T])``, all with gradient.
+
+        TRL's fused head returns only the sampled token's log-prob; the top-k losses need the student's
+        logits at the teacher's top-k ids and (``topk_forward``) the full logsumexp. So the model's own forward
+        projects the completion positions only (``logits_to_keep``: ``[B, T, V]``, the memory of a plain
+        causal-LM loss), at the same temperature as TRL's head (``student_logprob_temperature``).
+        """
+        completion_ids = inputs["completion_ids"]
+        length = completion_ids.size(1)
+        temperature = self.args.student_logprob_temperature or self.temperature
+        with self.accelerator.autocast():
+            logits = model(
+                input_ids=torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+                attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                logits_to_keep=length + 1,
+                use_cache=False,
+            ).logits
+        # Position p predicts token p + 1: the last kept position predicts nothing.
+        logits = logits[:, -(length + 1) : -1].float() / temperature
+        logsumexp = torch.logsumexp(logits, dim=-1)
+        per_token_logps = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logsumexp
+        topk_logits = logits.gather(-1, inputs["teacher_topk_ids"])
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropies = logsumexp - (probs * logits).sum(dim=-1)
+        return per_token_logps, entropies, topk_logits, logsumexp
+
+    def _topk_token_loss(self, inputs: dict, student_topk) -> torch.Tensor | None:
+        """``[B, T]`` top-k divergence on the incorrect rows' tokens (None for ``opd_loss='sampled'``)."""
+        if self.args.opd_loss == "sampled":
+            return None
+        if student_topk is None:
+            raise ValueError(f"opd_loss={self.args.opd_loss!r} needs the student's logits at the teacher's top-k ids "
+                             "(scope_loss_from_inputs(..., student_topk=(topk_logits, logsumexp)))")
+        topk_logits, logsumexp = student_topk
+        incorrect = inputs["scope_loss_mask"].bool() & ~inputs["scope_correct"].bool()[:, None]
+        return topk_opd_token_loss(self.args.opd_loss, topk_logits, logsumexp, inputs["teacher_topk_logps"], incorrect,
+                                   teacher_topk_ids=inputs["teacher_topk_ids"])
+
+    # ---- end top-k OPD losses
+
     def _scope_inputs(self, output) -> dict[str, Any]:
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -908,7 +1067,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         output_old = {} if old_logps is None else {"old_per_token_logps": old_logps}
 
         on_teacher_path = teacher_rows(local_verdict, args.algorithm)
-        teacher_logps = self._score_teacher(output, on_teacher_path)
+        if args.opd_loss == "sampled":
+            teacher_logps, teacher_topk = self._score_teacher(output, on_teacher_path), {}
+        else:
+            teacher_logps, teacher_topk = self._score_teacher_topk(output, on_teacher_path)
         rows = row_statistics(completion_mask, student_logps, teacher_logps, on_teacher_path)
         valid = rows["valid"]
 
@@ -939,6 +1101,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             # Unused entries (correct rows, dropped rows) are zero, never NaN, so the loss sees clean inputs.
             "teacher_per_token_logps": torch.where(loss_mask & on_teacher_path[:, None], teacher_logps, 0.0),
             "scope_loss_mask": loss_mask.long(),
+            **teacher_topk,
             # 0-dim tensors: TRL shuffles and splits every tensor with a batch dimension.
             "scope_num_items_mle": num_items[0].float(),
             "scope_num_items_opd": num_items[1].float(),
@@ -966,14 +1129,18 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-        )
-        loss, loss_metrics = self.scope_loss_from_inputs(per_token_logps, inputs, mode)
+        if self.args.opd_loss == "sampled":
+            per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model,
+                torch.cat([prompt_ids, completion_ids], dim=1),
+                torch.cat([prompt_mask, completion_mask], dim=1),
+                completion_ids.size(1),
+                compute_entropy=True,
+            )
+            student_topk = None
+        else:
+            per_token_logps, entropies, *student_topk = self._student_topk_forward(model, inputs)
+        loss, loss_metrics = self.scope_loss_from_inputs(per_token_logps, inputs, mode, student_topk=student_topk)
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         for key, value in loss_metrics.items():
@@ -988,7 +1155,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss
 
-    def scope_loss_from_inputs(self, per_token_logps: torch.Tensor, inputs: dict, mode: str = "train"):
+    def scope_loss_from_inputs(self, per_token_logps: torch.Tensor, inputs: dict, mode: str = "train", *,
+                               student_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The exact call the trainer optimises: :func:`scope_loss` on one micro-batch.
 
         The denominators are the whole generation batch's per-path counts across processes
@@ -997,6 +1165,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         loss of the whole batch. ``"sum"`` returns this micro-batch's plain token sum, times the number of
         processes so that DDP's gradient average leaves the sum over processes: an optimiser step then
         sees exactly the token sum of what it trains on.
+
+        With a top-k ``opd_loss``, ``student_topk`` is ``(student_topk_logits [B, T, K], student_logsumexp [B, T])``
+        at the teacher's top-k ids (``_student_topk_forward``), and the OPD path's token loss is
+        :func:`~scope_opd.algorithms.topk_opd_token_loss` on the incorrect rows.
         """
         args = self.args
         aggregation = args.loss_aggregation
@@ -1024,6 +1196,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             num_items=None if aggregation == "sum" else num_items,
             token_weights=token_weights,
             opd_advantage=args.opd_advantage,
+            opd_token_loss=self._topk_token_loss(inputs, student_topk),
             **clip[args.off_policy_clip],
         )
         if aggregation == "sum":

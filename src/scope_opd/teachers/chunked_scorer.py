@@ -17,7 +17,7 @@ defaults, 512 x 32,768 float32 = 64 MiB, against ``completion tokens x V`` for m
 (2 rows x 4,096 tokens x 151,936 = 4.6 GiB in float32). ``benchmarks/bench_topk_scorer.py``
 measures it beside the logits path and TRL's fused head.
 
-Unlike TRL's fused head it gives the teacher's top-k (what the planned ``opd_loss="topk_*"`` trainer options and vLLM's
+Unlike TRL's fused head it gives the teacher's top-k (what the ``opd_loss="topk_*"`` trainer options and vLLM's
 ``prompt_logprobs`` format need) and, on CPU, projects only the completion positions.
 
 The scorer computes ``lm_head(final hidden state)`` itself, so a model whose forward does more
@@ -28,11 +28,15 @@ model if they disagree beyond the head's rounding.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .in_process import InProcessTeacher, TokenScores, _split_rows, _unwrap
 
-__all__ = ["ChunkedTeacherScorer"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChunkedTeacherScorer", "memory_lean"]
 
 # The self-check at construction: a few token ids through the model's own forward and through the tiles;
 # beyond the head's rounding, logits may differ by this fraction of the largest |logit| (at least 1).
@@ -241,3 +245,24 @@ class ChunkedTeacherScorer(InProcessTeacher):
                     count += (self._tile(hidden, start, end) >= target_logit[:, None]).sum(dim=-1)
                 ranks[first:last] = count
         return tuple(None if x is None else x.cpu() for x in (logprobs, ranks, top_ids, top_logprobs))
+
+
+def memory_lean(teacher):
+    """The teacher to ask for top-k scores: a :class:`ChunkedTeacherScorer` over ``teacher``'s model where it can serve.
+
+    For a plain :class:`~scope_opd.teachers.InProcessTeacher` whose model has a separate LM head that
+    reproduces its logits and is whole on this rank: the tiled scorer with the same batching, device and
+    temperature (only completion positions projected, one ``[tokens, vocab]`` tile at a time). Otherwise
+    ``teacher`` itself: a server, a chunked scorer already, a teacher sharded by ZeRO-3 / FSDP (its
+    forwards are collectives and its head is split), or a model the self-check refuses (logged).
+    """
+    if type(teacher) is not InProcessTeacher or teacher.synced_ranks:
+        return teacher
+    try:
+        return ChunkedTeacherScorer(
+            teacher.model, batch_size=teacher.batch_size, max_tokens_per_batch=teacher.max_tokens_per_batch,
+            device=teacher.device, temperature=teacher.temperature,
+        )
+    except ValueError as err:
+        logger.warning("top-k teacher scores use the logits path: %s", err)
+        return teacher

@@ -261,6 +261,18 @@ class InProcessTeacher:
                         self.model(input_ids=pad, use_cache=False)
         return results  # type: ignore[return-value]
 
+    def score_topk(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int) -> list[TokenScores]:
+        """Per row, the completion tokens' log-probs and the teacher's top-``k`` ids and log-probs (``opd_loss='topk_*'``).
+
+        :meth:`score_tokens` with ``top_k=k`` (``k`` capped by the vocabulary; every row the same width).
+        Here through the logits path; :class:`~scope_opd.teachers.chunked_scorer.ChunkedTeacherScorer`
+        inherits it with its tiles, and :func:`~scope_opd.teachers.chunked_scorer.memory_lean` picks that
+        one for a model it can serve (what the trainer does).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        return self.score_tokens(prompt_ids, completion_ids, top_k=k)
+
     def _forwards_behind(self, own_forwards: int) -> int:
         """How many more forwards the busiest rank runs in this call than this one."""
         import torch.distributed as dist

@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import zlib
@@ -56,6 +57,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import requests
 import torch
 import urllib3
+
+from .in_process import TokenScores
 
 __all__ = ["ServerTeacher", "TeacherServerError", "VLLM_MAX_PROMPTS_PER_REQUEST", "VLLM_NEG_INF_LOGPROB"]
 
@@ -75,6 +78,8 @@ _VLLM_TOO_LONG_MESSAGES = ("max_tokens must be at least 1", "maximum context len
 # A log-prob is <= 0; float32 log_softmax can round a near-certain token a hair above 0, never by this much.
 _MAX_LOGPROB = 1e-3
 _COUNTERS = ("requests", "retries", "failures", "nan_rows")
+# vLLM's (and `scope serve-teacher`'s) refusal of a prompt_logprobs above its --max-logprobs.
+_VLLM_MAX_LOGPROBS_MESSAGE = re.compile(r"Requested prompt logprobs of (\d+), which is greater than max allowed: (\d+)")
 # The largest answer read, after any Content-Encoding is undone: a server that sends a compressed bomb
 # (2 MiB on the wire, 2 GiB decoded) fails the request instead of the trainer's memory.
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
@@ -300,13 +305,43 @@ class ServerTeacher:
             TeacherServerError: a request failed for good, or a row is too long for the
                 server's ``max_model_len``; names the URL and rows.
         """
+        return self._score(prompt_ids, completion_ids, 0)
+
+    def score_topk(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int) -> list[TokenScores]:
+        """Per row, the completion tokens' log-probs and the teacher's top-``k`` per position (``opd_loss='topk_*'``).
+
+        Asks for ``prompt_logprobs: k``: vLLM answers, at each position, its top-``k`` tokens plus the
+        scored token when that is not among them (``k + 1`` entries). The top-``k`` are those entries
+        without the scored token in the second case, all of them in the first; tied log-probs are kept
+        as vLLM chose them. Returned as :class:`~scope_opd.teachers.in_process.TokenScores` with
+        ``top_ids`` / ``top_logprobs`` ``[C, k]``, sorted by log-prob (then id). A row the server refuses
+        to send for a NaN is all NaN (ids 0). An entry with another count of tokens, or without the
+        scored token, is a malformed answer (retried, then :class:`TeacherServerError`).
+
+        Raises:
+            ValueError: ``k`` < 1, or as :meth:`score`.
+            TeacherServerError: as :meth:`score`; and when ``k`` is above the server's ``--max-logprobs``
+                (naming both numbers).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        return self._score(prompt_ids, completion_ids, k)
+
+    def check_top_k(self, k: int) -> None:
+        """Score one 2-token probe with ``prompt_logprobs: k`` now: a server whose ``--max-logprobs`` is below
+        ``k`` fails here (:class:`TeacherServerError` naming both numbers), not at the first training step."""
+        self.score_topk([[0]], [[0]], k)
+
+    def _score(self, prompt_ids, completion_ids, top_k: int) -> list:
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
         results: list[torch.Tensor | None] = [None] * len(prompt_ids)
         scored_rows = []
         for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
             if len(completion) == 0:
-                results[row] = torch.empty(0, dtype=torch.float32)
+                empty = torch.empty(0, dtype=torch.float32)
+                results[row] = empty if not top_k else TokenScores(
+                    empty, top_ids=torch.empty(0, top_k, dtype=torch.long), top_logprobs=torch.empty(0, top_k))
             elif len(prompt) == 0:
                 # vLLM has no log-prob for position 0 of a prompt.
                 raise ValueError(f"row {row} has a completion but an empty prompt; its first token has no context to score")
@@ -320,7 +355,8 @@ class ServerTeacher:
         groups = [scored_rows[i : i + self.rows_per_request] for i in range(0, len(scored_rows), self.rows_per_request)]
 
         def request(rows: list[int]) -> list[torch.Tensor]:
-            return self._request([_as_ids(prompt_ids[r]) for r in rows], [_as_ids(completion_ids[r]) for r in rows], rows)
+            return self._request([_as_ids(prompt_ids[r]) for r in rows], [_as_ids(completion_ids[r]) for r in rows], rows,
+                                 top_k)
 
         def nan_row(row: int) -> torch.Tensor:
             logger.warning(
@@ -330,7 +366,11 @@ class ServerTeacher:
                 row,
             )
             self._count(nan_rows=1)
-            return torch.full((len(completion_ids[row]),), math.nan, dtype=torch.float32)
+            nan = torch.full((len(completion_ids[row]),), math.nan, dtype=torch.float32)
+            if not top_k:
+                return nan
+            return TokenScores(nan, top_ids=torch.zeros(len(nan), top_k, dtype=torch.long),
+                               top_logprobs=torch.full((len(nan), top_k), math.nan))
 
         def run(rows: list[int]) -> None:
             try:
@@ -385,13 +425,13 @@ class ServerTeacher:
             for name, n in increments.items():
                 setattr(self, name, getattr(self, name) + n)
 
-    def _request(self, prompts: list[list[int]], completions: list[list[int]], rows: list[int]) -> list[torch.Tensor]:
+    def _request(self, prompts: list[list[int]], completions: list[list[int]], rows: list[int], top_k: int = 0) -> list:
         sequences = [p + c for p, c in zip(prompts, completions)]
         payload: dict = {
             "prompt": sequences[0] if len(sequences) == 1 else sequences,
             "max_tokens": 1,
             "temperature": 0,
-            "prompt_logprobs": 0,
+            "prompt_logprobs": top_k,
         }
         if self.model is not None:
             payload["model"] = self.model
@@ -399,13 +439,18 @@ class ServerTeacher:
         def explain_bad_request(message: str) -> str | None:
             if _VLLM_NAN_MESSAGE in message:
                 raise _NaNRefused()
+            too_many = _VLLM_MAX_LOGPROBS_MESSAGE.search(message)
+            if too_many:
+                return (f"teacher server {self.url}: teacher_top_k={too_many.group(1)} is more than the server's "
+                        f"max_logprobs {too_many.group(2)}; lower teacher_top_k to {too_many.group(2)} or less, or "
+                        f"start vLLM with --max-logprobs {too_many.group(1)}")
             if any(text in message for text in _VLLM_TOO_LONG_MESSAGES):
                 longest = max(range(len(rows)), key=lambda i: len(sequences[i]))
                 return self._too_long_message(rows[longest], len(prompts[longest]), len(completions[longest]))
             return None
 
         def parse(data) -> list[torch.Tensor]:
-            return _completion_logprobs(data, sequences, [len(p) for p in prompts], rows)
+            return _completion_logprobs(data, sequences, [len(p) for p in prompts], rows, top_k)
 
         return self._call("POST", self.url, json.dumps(payload), rows, parse, {400: explain_bad_request})
 
@@ -567,10 +612,51 @@ def _as_ids(ids) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else [int(t) for t in ids]
 
 
-def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int], rows: list[int]) -> list[torch.Tensor]:
+def _logprob_value(item, where: str, row: int):
+    """One entry's log-prob (vLLM's ``{"logprob", "rank", "decoded_token"}`` or a bare number), -9999 read as -inf."""
+    value = item.get("logprob") if isinstance(item, dict) else item
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _MalformedResponse(f"{where} has logprob {value!r}")
+    if value > _MAX_LOGPROB:  # False for NaN, which is passed on
+        raise _NotLogprobs(
+            f"row {row} {where.split(': ', 1)[-1]}: log-prob {value!r} is above 0, so these are not "
+            f"log-probabilities; a vLLM server started with --logprobs-mode raw_logits or processed_logits "
+            f"sends logits there: start it with the default --logprobs-mode raw_logprobs"
+        )
+    return -math.inf if value == VLLM_NEG_INF_LOGPROB else float(value)
+
+
+def _top_k_entries(entry: dict, token: int, top_k: int, where: str, row: int) -> list[tuple[float, int]]:
+    """The top-``k`` ``(log-prob, id)`` of one ``prompt_logprobs`` entry: ``k`` entries (the scored token among
+    them) or ``k + 1`` (the scored token outside the top-``k``: dropped), sorted by log-prob, then id."""
+    if len(entry) == top_k + 1:
+        others = {key: item for key, item in entry.items() if key != str(token)}
+        if len(others) != top_k:
+            raise _MalformedResponse(f"{where} has {top_k + 1} entries for prompt_logprobs {top_k} but no scored token")
+    elif len(entry) == top_k:
+        others = entry
+    else:
+        raise _MalformedResponse(f"{where} has {len(entry)} entries for prompt_logprobs {top_k} (expected {top_k} "
+                                 f"or {top_k + 1})")
+    out = []
+    for key, item in others.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise _MalformedResponse(f"{where} has a non-integer token id {key!r}") from None
+        if token_id < 0:
+            raise _MalformedResponse(f"{where} has a negative token id {token_id}")
+        out.append((_logprob_value(item, where, row), token_id))
+    out.sort(key=lambda pair: (-pair[0] if not math.isnan(pair[0]) else math.inf, pair[1]))
+    return out
+
+
+def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int], rows: list[int],
+                         top_k: int = 0) -> list:
     """Log-probs of the completion tokens from a completions response; strict about its shape and sign.
 
-    ``rows``: the ``score`` batch's index of each sequence, to name a row in errors.
+    ``rows``: the ``score`` batch's index of each sequence, to name a row in errors. With ``top_k`` > 0,
+    :class:`TokenScores` with the top-``k`` of each position (see :func:`_top_k_entries`); else tensors.
     """
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or len(choices) != len(sequences):
@@ -589,22 +675,23 @@ def _completion_logprobs(data, sequences: list[list[int]], prompt_lens: list[int
         if not isinstance(entries, list) or len(entries) != len(sequence):
             got = len(entries) if isinstance(entries, list) else type(entries).__name__
             raise _MalformedResponse(f"prompt {i}: prompt_logprobs has {got} entries for {len(sequence)} tokens")
-        values = []
+        values, top = [], []
         for position in range(prompt_len, len(sequence)):
             entry = entries[position]
             item = entry.get(str(sequence[position])) if isinstance(entry, dict) else None
             if item is None:
                 raise _MalformedResponse(f"prompt {i}: position {position} lacks the actual token {sequence[position]}")
             # vLLM sends {"logprob": x, "rank": r, "decoded_token": s}; a bare number is accepted too.
-            value = item.get("logprob") if isinstance(item, dict) else item
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _MalformedResponse(f"prompt {i}: position {position} has logprob {value!r}")
-            if value > _MAX_LOGPROB:  # False for NaN, which is passed on
-                raise _NotLogprobs(
-                    f"row {rows[i]} position {position}: log-prob {value!r} is above 0, so these are not "
-                    f"log-probabilities; a vLLM server started with --logprobs-mode raw_logits or processed_logits "
-                    f"sends logits there: start it with the default --logprobs-mode raw_logprobs"
-                )
-            values.append(-math.inf if value == VLLM_NEG_INF_LOGPROB else float(value))
-        out.append(torch.tensor(values, dtype=torch.float32))
+            values.append(_logprob_value(item, f"prompt {i}: position {position}", rows[i]))
+            if top_k:
+                top.append(_top_k_entries(entry, sequence[position], top_k, f"prompt {i}: position {position}", rows[i]))
+        logprobs = torch.tensor(values, dtype=torch.float32)
+        if not top_k:
+            out.append(logprobs)
+            continue
+        out.append(TokenScores(
+            logprobs,
+            top_ids=torch.tensor([[t for _, t in pairs] for pairs in top], dtype=torch.long).reshape(len(top), top_k),
+            top_logprobs=torch.tensor([[v for v, _ in pairs] for pairs in top], dtype=torch.float32).reshape(len(top), top_k),
+        ))
     return out

@@ -122,11 +122,29 @@ def scope_options(config: Mapping | None) -> ScopeOptions:
     if block is None:
         block = {}
     block = dict(block.items())
+    _refuse_topk_opd_loss(block)
     known = {f.name for f in fields(ScopeOptions)}
     unknown = sorted(set(block) - known)
     if unknown:
         raise ValueError(f"unknown key(s) scope.{', scope.'.join(unknown)}; known: {sorted(known)}")
     return ScopeOptions(**block)
+
+
+def _refuse_topk_opd_loss(block: dict) -> None:
+    """``scope.opd_loss`` (the TRL trainer's option, issue 20): only the paper's ``sampled`` runs on verl.
+
+    The plugin's loss reads one teacher log-prob per token (the sampled token's); verl's own teacher top-k
+    (``forward_kl_topk``) is not wired to SCOPE's weights. ``opd_loss: sampled`` is accepted and dropped (it
+    is what verl runs); a top-k option, or ``teacher_top_k`` which only they read, is refused by name.
+    """
+    opd_loss = block.pop("opd_loss", "sampled")
+    if opd_loss != "sampled":
+        raise ValueError(f"scope.opd_loss={opd_loss!r} is not supported on verl: the plugin's scope loss uses the "
+                         "sampled token's teacher log-prob only (the paper's OPD path); set scope.opd_loss=sampled "
+                         "or train with the TRL trainer (SCOPEConfig.opd_loss), which has the top-k losses")
+    if "teacher_top_k" in block:
+        raise ValueError("scope.teacher_top_k is not supported on verl: it is read only by the top-k opd_loss "
+                         "options, which verl does not run; remove it")
 
 
 def _get(config: Mapping, dotted: str, default: Any = None) -> Any:
