@@ -525,3 +525,27 @@ def test_min_perplexity_picks_the_highest_mean_logprob_and_ties_go_to_the_first_
         assert totals["x/rows"] + totals["y/rows"] == 3  # the empty row 3 teaches nothing
         tokens = {"x": 1 + 3, "y": 2} if order[0] == "x" else {"x": 3, "y": 2 + 1}
         assert totals["x/token_frac"] == pytest.approx(tokens["x"] / 6)
+
+
+@pytest.mark.parametrize("routing", ["key", "min_perplexity"])
+def test_overlap_counts_only_the_prefetched_rows_the_step_uses(routing):
+    """A real TeacherPrefetch over a TeacherPool: rows scored in the background but not taken by the step (row 2 is
+    never asked for; row 1's completion changed and is scored again) are not counted; the used and late rows are."""
+    from scope_opd.teachers.overlap import TeacherPrefetch
+
+    pool = TeacherPool({"x": Constant([-1.0, -2.0, -3.0]), "y": Constant([-4.0, -5.0, -6.0])}, routing=routing)
+    prefetch = TeacherPrefetch(pool)
+    names = {"teacher_names": ["x", "x", "y"]} if routing == "key" else {}
+    try:
+        prefetch.submit([0, 1, 2], [[1], [1], [1]], [[2, 3], [4], [5, 6, 7]], **names)
+        asked = {"teacher_names": ["x", "x"]} if routing == "key" else {}
+        scored = prefetch.scores([0, 1], [[1], [1]], [[2, 3], [9, 9, 9]], **asked)
+    finally:
+        prefetch.close()
+    assert (prefetch.prefetched_rows, prefetch.missed_rows) == (1, 1)
+    # row 0 from the prefetch (x: -1 each, x wins min_perplexity), row 1 scored late ([9, 9, 9]: Constant row 0 is x's -1)
+    assert [v.tolist() for v in scored] == [[-1.0, -1.0], [-1.0] * 3]
+    totals = pool.summarize_counters(pool.stats_delta())
+    assert totals["x/rows"] == 2 and totals["x/tokens"] == 2 + 3
+    assert totals["y/rows"] == 0 and totals["y/tokens"] == 0  # row 2 (y's under key routing) was never used
+    assert totals["x/token_frac"] == 1.0

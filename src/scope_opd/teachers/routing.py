@@ -414,40 +414,54 @@ class TeacherPool:
         return out
 
     def score(self, prompt_ids, completion_ids, teacher_names=None) -> list[torch.Tensor]:
+        scored, taught = self.score_uncounted(prompt_ids, completion_ids, teacher_names)
+        self.count_taught(taught)
+        return scored
+
+    def score_uncounted(self, prompt_ids, completion_ids, teacher_names=None) -> tuple[list[torch.Tensor], list]:
+        """``score``'s log-probs and, per row, what :meth:`count_taught` counts for it, not counted yet.
+
+        The overlap prefetch scores rows the step may not use (a row whose completion changed is scored again):
+        it counts only the rows whose prefetched values the step takes. Calls and failures are counted here.
+        """
         if self.routing == "key":
             if teacher_names is None:
                 raise ValueError("teacher_routing='key': score needs each row's teacher name (teacher_names)")
             scored = self.call_routed("score", prompt_ids, completion_ids, teacher_names)
             routes = list(teacher_names)
             nonfinite = [not bool(torch.isfinite(v).all()) for v in scored]
-            self._count(routes, scored, nonfinite, {name: [] for name in self.names})
-            return scored
-        # min_perplexity: every teacher scores every row; the highest mean log-prob wins, first teacher on ties.
-        per_teacher = {name: self._call(name, "score", prompt_ids, completion_ids) for name in self.names}
-        scored, routes, nonfinite, failed = [], [], [], {name: [] for name in self.names}
-        for i in range(len(prompt_ids)):
-            best, best_mean, bad = None, None, None
-            for name in self.names:
-                values = per_teacher[name][i]
-                if not bool(torch.isfinite(values).all()):
-                    failed[name].append(i)
-                    bad = bad or name
-                    continue
-                mean = float(values.double().mean()) if values.numel() else 0.0
-                if best is None or mean > best_mean:  # strictly greater: ties stay with the earlier teacher
-                    best, best_mean = name, mean
-            chosen = bad or best  # a row non-finite for any teacher is that teacher's, and dropped as non-finite
-            scored.append(per_teacher[chosen][i])
-            routes.append(chosen)
-            nonfinite.append(bad is not None)
-        self._count(routes, scored, nonfinite, failed)
-        return scored
-
-    def _count(self, routes, scored, nonfinite, failed) -> None:
+            failed = [[] for _ in scored]  # key: a non-finite row counts in its own teacher's nan_rows (below)
+        else:
+            # min_perplexity: every teacher scores every row; the highest mean log-prob wins, first teacher on ties.
+            per_teacher = {name: self._call(name, "score", prompt_ids, completion_ids) for name in self.names}
+            scored, routes, nonfinite, failed = [], [], [], []
+            for i in range(len(prompt_ids)):
+                best, best_mean, bad, failed_on = None, None, None, []
+                for name in self.names:
+                    values = per_teacher[name][i]
+                    if not bool(torch.isfinite(values).all()):
+                        failed_on.append(name)
+                        bad = bad or name
+                        continue
+                    mean = float(values.double().mean()) if values.numel() else 0.0
+                    if best is None or mean > best_mean:  # strictly greater: ties stay with the earlier teacher
+                        best, best_mean = name, mean
+                chosen = bad or best  # a row non-finite for any teacher is that teacher's, and dropped as non-finite
+                scored.append(per_teacher[chosen][i])
+                routes.append(chosen)
+                nonfinite.append(bad is not None)
+                failed.append(failed_on)
         self.last_routes = [None if bad and self.routing == "min_perplexity" else r for r, bad in zip(routes, nonfinite)]
+        return scored, list(zip(routes, scored, nonfinite, failed))
+
+    def count_taught(self, taught) -> None:
+        """Count rows from :meth:`score_uncounted`: ``rows`` / ``tokens`` / means for each finite taught row,
+        ``nan_rows`` for each teacher a row was non-finite for."""
         with self._lock:
-            for name, values, bad in zip(routes, scored, nonfinite):
+            for name, values, bad, failed_on in taught:
                 counts = self._counts[name]
+                for failed_name in failed_on:
+                    self._counts[failed_name]["nan_rows"] += 1
                 if bad:
                     if self.routing == "key":
                         counts["nan_rows"] += 1
@@ -460,8 +474,6 @@ class TeacherPool:
                 counts["tokens"] += n
                 counts["logp_sum"] += mean
                 counts["ppl_sum"] += math.exp(-mean) if -mean < 700 else float("inf")
-            for name, rows in failed.items():
-                self._counts[name]["nan_rows"] += len(rows)
 
     def stats_delta(self) -> dict[str, float]:
         """Per-teacher counter increments since the previous call, keys ``<name>/<counter>``."""
