@@ -120,10 +120,50 @@ def test_teachers_mapping_reaches_the_config_through_trl_parser(tmp_path):
     ({"a": {"model": "x"}}, {"teacher_model": "y"}, r"either teachers \(several\) or teacher_model"),
     ({"a": {"model": "x"}}, {"teacher_server_url": "http://h"}, r"either teachers \(several\) or teacher_model"),
     ({"a": {"model": "x"}}, {"teacher_routing": "vote"}, r"teacher_routing must be one of"),
+    # a server teacher without its own temperature takes the top-level one, which a server cannot apply
+    ({"a": {"model": "x"}, "srv": {"server_url": "http://h"}}, {"teacher_temperature": 0.7},
+     r"teachers\.srv: a server teacher scores at temperature 1.*teacher_temperature is 0\.7"),
+    # a non-default routing with one teacher routes nothing: a config mistake, not a silent no-op
+    (None, {"teacher_model": "y", "teacher_routing": "min_perplexity"}, r"teacher_routing='min_perplexity' needs teachers"),
 ])
 def test_bad_teachers_settings_are_errors_naming_the_teacher_and_key(tmp_path, teachers, extra, message):
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, teachers=teachers, **extra)
+
+
+def test_a_server_teacher_with_its_own_temperature_1_is_accepted_under_a_tempered_top_level(tmp_path):
+    from scope_opd.teachers.routing import teacher_fields
+
+    args = make_args(tmp_path, teachers={"a": {"model": "x"}, "srv": {"server_url": "http://h", "temperature": 1}},
+                     teacher_temperature=0.7)
+    assert teacher_fields(args, "srv").teacher_temperature == 1.0  # what the server really applies
+    assert teacher_fields(args, "a").teacher_temperature == 0.7  # the in-process teacher inherits the top level
+
+
+def test_exponent_numbers_and_python_none_are_read_as_numbers_and_none(tmp_path):
+    """YAML 1.1 reads 1.5e2 as a string (yaml.safe_load, as TrlParser reads --config); JSON 1e3 is a number; a
+    Python repr's None is None. The top-level teacher_timeout: 1.5e2 is a number too: the same value either way."""
+    from trl import ModelConfig, TrlParser
+
+    from scope_opd.train_cli import TrainScriptArguments, null_means_none
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("output_dir: out\nuse_cpu: true\nteacher_timeout: 1.5e2\n"
+                      "teachers:\n  a: {model: /m, timeout: 1.5e2, temperature: 5e-1}\n")
+    types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
+
+    def parse(*argv):
+        parser = TrlParser(types)
+        null_means_none(parser, types)
+        return parser.parse_args_and_config(["--config", str(config), *argv])[1]
+
+    args = parse()
+    assert args.teacher_timeout == 150.0
+    assert args.teachers == {"a": {"model": "/m", "timeout": 150.0, "temperature": 0.5}}
+    assert parse("--teachers", '{"a": {"model": "/m", "timeout": 1e3}}').teachers == {"a": {"model": "/m", "timeout": 1000.0}}
+    assert parse("--teachers", "{'a': {'model': '/m', 'tokenizer': None}}").teachers == {"a": {"model": "/m", "tokenizer": None}}
+    with pytest.raises(ValueError, match=r"teachers\.a\.timeout must be a positive number, got 'soon'"):
+        parse_teachers({"a": {"model": "/m", "timeout": "soon"}})
 
 
 def test_parse_teachers_is_idempotent():
@@ -280,6 +320,33 @@ def test_key_routing_refuses_a_dataset_without_the_column_or_with_an_unknown_tea
                          train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(paths["student"]))
 
 
+@pytest.mark.parametrize("eval_dataset, message", [
+    (Dataset.from_dict({"prompt": PROMPTS}), r"the evaluation dataset has no column 'teacher' \(teacher_key\)"),
+    ({"held": key_dataset(), "other": key_dataset(names=("a", "b", "c", "a"))},
+     r"row 2 of the evaluation dataset 'other' names teacher 'c' in column 'teacher'; known teachers: \['a', 'b'\]"),
+])
+def test_key_routing_refuses_an_evaluation_dataset_it_cannot_route_at_start_up(tmp_path, three_teachers, eval_dataset,
+                                                                              message):
+    """Evaluation scores with the teachers too: its dataset (or each of a dict of them) is checked before training."""
+    paths = three_teachers
+    args = make_args(tmp_path, teachers={"a": {"model": paths["a"]}, "b": {"model": paths["b"]}},
+                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8)
+    with pytest.raises(ValueError, match=message):
+        RecordingTrainer(AutoModelForCausalLM.from_pretrained(paths["student"]), reward_funcs=[has_digit_reward], args=args,
+                         train_dataset=key_dataset(), eval_dataset=eval_dataset,
+                         processing_class=AutoTokenizer.from_pretrained(paths["student"]))
+
+
+def test_a_scorer_for_a_teacher_not_in_teachers_is_an_error_naming_it(tmp_path, three_teachers):
+    paths = three_teachers
+    args = make_args(tmp_path, teachers={"a": {"model": paths["a"]}, "b": {"model": paths["b"]}})
+    scorer = InProcessTeacher(AutoModelForCausalLM.from_pretrained(paths["a"]))
+    with pytest.raises(ValueError, match=r"teacher= names \['c'\], not in teachers \['a', 'b'\]"):
+        RecordingTrainer(AutoModelForCausalLM.from_pretrained(paths["student"]), reward_funcs=[has_digit_reward], args=args,
+                         train_dataset=key_dataset(), processing_class=AutoTokenizer.from_pretrained(paths["student"]),
+                         teacher={"a": scorer, "c": scorer})
+
+
 def test_row_routes_error_names_the_batch_row_column_and_teachers():
     from scope_opd.teachers.routing import row_routes
 
@@ -323,6 +390,26 @@ def two_servers(three_teachers):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_a_server_teacher_down_at_start_up_is_named_by_its_teachers_key(tmp_path, three_teachers):
+    """A real closed port: the start-up check's TeacherServerError keeps its type and URL and names teachers.<name>."""
+    import socket
+
+    from scope_opd.teachers.server_client import TeacherServerError
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    paths = three_teachers
+    url = f"http://127.0.0.1:{port}/v1"
+    args = make_args(tmp_path, teachers={"a": {"model": paths["a"]},
+                                         "down": {"server_url": url, "tokenizer": paths["b"], "max_retries": 0, "timeout": 5}},
+                     teacher_routing="min_perplexity")
+    with pytest.raises(TeacherServerError, match=r"^teachers\.down: ") as caught:
+        RecordingTrainer(AutoModelForCausalLM.from_pretrained(paths["student"]), reward_funcs=[has_digit_reward], args=args,
+                         train_dataset=key_dataset(), processing_class=AutoTokenizer.from_pretrained(paths["student"]))
+    assert caught.value.url.startswith(url)
 
 
 def test_key_routing_with_two_server_teachers(tmp_path, three_teachers, two_servers):
@@ -438,3 +525,27 @@ def test_min_perplexity_picks_the_highest_mean_logprob_and_ties_go_to_the_first_
         assert totals["x/rows"] + totals["y/rows"] == 3  # the empty row 3 teaches nothing
         tokens = {"x": 1 + 3, "y": 2} if order[0] == "x" else {"x": 3, "y": 2 + 1}
         assert totals["x/token_frac"] == pytest.approx(tokens["x"] / 6)
+
+
+@pytest.mark.parametrize("routing", ["key", "min_perplexity"])
+def test_overlap_counts_only_the_prefetched_rows_the_step_uses(routing):
+    """A real TeacherPrefetch over a TeacherPool: rows scored in the background but not taken by the step (row 2 is
+    never asked for; row 1's completion changed and is scored again) are not counted; the used and late rows are."""
+    from scope_opd.teachers.overlap import TeacherPrefetch
+
+    pool = TeacherPool({"x": Constant([-1.0, -2.0, -3.0]), "y": Constant([-4.0, -5.0, -6.0])}, routing=routing)
+    prefetch = TeacherPrefetch(pool)
+    names = {"teacher_names": ["x", "x", "y"]} if routing == "key" else {}
+    try:
+        prefetch.submit([0, 1, 2], [[1], [1], [1]], [[2, 3], [4], [5, 6, 7]], **names)
+        asked = {"teacher_names": ["x", "x"]} if routing == "key" else {}
+        scored = prefetch.scores([0, 1], [[1], [1]], [[2, 3], [9, 9, 9]], **asked)
+    finally:
+        prefetch.close()
+    assert (prefetch.prefetched_rows, prefetch.missed_rows) == (1, 1)
+    # row 0 from the prefetch (x: -1 each, x wins min_perplexity), row 1 scored late ([9, 9, 9]: Constant row 0 is x's -1)
+    assert [v.tolist() for v in scored] == [[-1.0, -1.0], [-1.0] * 3]
+    totals = pool.summarize_counters(pool.stats_delta())
+    assert totals["x/rows"] == 2 and totals["x/tokens"] == 2 + 3
+    assert totals["y/rows"] == 0 and totals["y/tokens"] == 0  # row 2 (y's under key routing) was never used
+    assert totals["x/token_frac"] == 1.0

@@ -618,6 +618,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             pool = build_teacher_pool(self, teacher)
             if args.teacher_routing == "key":
                 check_dataset_routes(self.train_dataset, args.teacher_key, pool.names)
+                if self.eval_dataset is not None:  # evaluation scores with the teachers too: fail now, not mid-run
+                    check_dataset_routes(self.eval_dataset, args.teacher_key, pool.names, "evaluation dataset")
             return pool
         if teacher is not None:
             return teacher

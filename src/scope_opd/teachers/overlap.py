@@ -68,6 +68,9 @@ class TeacherPrefetch:
         self._closed = False
         self._submitted: list[tuple[list[int], list[list[int]], list[list[int]], Future]] = []
         self._names: dict[int, str] = {}  # row -> its teacher (key routing over several teachers)
+        from .routing import TeacherPool
+
+        self._count_on_use = isinstance(teacher, TeacherPool)
         self.busy_seconds = 0.0  # time the background thread spent scoring
         self.prefetched_rows = 0
         self.missed_rows = 0
@@ -111,7 +114,11 @@ class TeacherPrefetch:
             routed = {"teacher_names": [self._names[r] for rows, *_ in batch for r in rows]} if self._names else {}
             start = time.perf_counter()
             try:
-                scored = self.teacher.score(prompts, completions, **routed)
+                if self._count_on_use:  # a TeacherPool: its per-teacher row counters count the rows the step uses
+                    scored, taught = self.teacher.score_uncounted(prompts, completions, **routed)
+                else:
+                    scored = self.teacher.score(prompts, completions, **routed)
+                    taught = [None] * len(scored)
                 if len(scored) != len(prompts):
                     raise RuntimeError(f"teacher returned {len(scored)} rows for {len(prompts)} requested")
             except BaseException as exc:  # handed to the trainer, which raises it in the training step
@@ -120,7 +127,7 @@ class TeacherPrefetch:
             else:
                 offset = 0
                 for rows, *_, future in batch:
-                    future.set_result(scored[offset : offset + len(rows)])
+                    future.set_result(list(zip(scored[offset : offset + len(rows)], taught[offset : offset + len(rows)])))
                     offset += len(rows)
             finally:
                 self.busy_seconds += time.perf_counter() - start
@@ -142,17 +149,17 @@ class TeacherPrefetch:
         Waits for every submitted chunk (re-raising the first failure), takes each row's result if
         it was scored for the same token ids, and scores the other rows now, in one call.
         """
-        prefetched: dict[int, tuple[list[int], list[int], torch.Tensor]] = {}
+        prefetched: dict[int, tuple[list[int], list[int], torch.Tensor, object]] = {}
         for submitted_rows, prompts, completions, future in self._submitted:
             try:
                 scored = future.result()  # a queued submission whose call has not started is waited for too
             except BaseException:
                 self.close()
                 raise
-            for row, prompt, completion, values in zip(submitted_rows, prompts, completions, scored):
-                prefetched[row] = (prompt, completion, values)
+            for row, prompt, completion, (values, taught) in zip(submitted_rows, prompts, completions, scored):
+                prefetched[row] = (prompt, completion, values, taught)
         out: list[torch.Tensor | None] = [None] * len(rows)
-        missing = []
+        missing, used = [], []
         for position, (row, prompt, completion) in enumerate(zip(rows, prompt_ids, completion_ids)):
             hit = prefetched.get(row)
             if len(completion) == 0:  # nothing to score (never sent): what teacher.score returns for it
@@ -160,8 +167,11 @@ class TeacherPrefetch:
             elif (hit is not None and hit[0] == list(prompt) and hit[1] == list(completion)
                   and (teacher_names is None or self._names.get(row) == teacher_names[position])):
                 out[position] = hit[2]
+                used.append(hit[3])
             else:
                 missing.append(position)
+        if self._count_on_use:  # only the prefetched rows the step takes (the late ones count in teacher.score)
+            self.teacher.count_taught(used)
         self.prefetched_rows += sum(1 for c in completion_ids if len(c)) - len(missing)
         self.missed_rows += len(missing)
         if missing:

@@ -22,6 +22,7 @@ of a server). A failing teacher raises as a single teacher does (retries and err
 from __future__ import annotations
 
 import math
+import re
 import threading
 import types
 import warnings
@@ -59,13 +60,7 @@ def parse_teachers(value, config=None) -> dict[str, dict] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        import yaml  # a JSON object is YAML too; so is the repr of a plain dict of strings and numbers
-
-        text = value
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"teachers: cannot parse {text!r} as a JSON / YAML mapping: {err}") from err
+        value = _parse_mapping_text(value)
         if value is None:
             return None
     if not isinstance(value, dict) or not value:
@@ -92,6 +87,32 @@ def parse_teachers(value, config=None) -> dict[str, dict] | None:
     return parsed
 
 
+def _parse_mapping_text(text: str):
+    """A command-line / YAML string of ``teachers``: JSON first (its numbers, ``1e3`` included, are numbers), then a
+    Python literal (the repr of a dict: ``None`` is None, not the string 'None'), then YAML (flow mappings)."""
+    import ast
+    import json
+
+    import yaml
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"teachers: cannot parse {text!r} as a JSON / Python-literal / YAML mapping: {err}") from err
+
+
+# YAML 1.1 (yaml.safe_load, as TrlParser reads --config) reads ``1.5e2`` / ``1e3`` as strings: such a string is a number.
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _typed(name: str, key: str, item):
     where = f"teachers.{name}.{key}"
     if item is None and key not in ("model", "server_url"):
@@ -105,6 +126,8 @@ def _typed(name: str, key: str, item):
             raise ValueError(f"{where} must be an integer, got {item!r}")
         return item
     if key in _FLOAT_FIELDS:
+        if isinstance(item, str) and _NUMBER_TEXT.fullmatch(item.strip()):
+            item = float(item)
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item) or item <= 0:
             raise ValueError(f"{where} must be a positive number, got {item!r}")
         return float(item)
@@ -118,9 +141,19 @@ def check_teacher_routing(config) -> None:
     if config.teacher_routing not in ROUTINGS:
         raise ValueError(f"teacher_routing must be one of {ROUTINGS}, got {config.teacher_routing!r}")
     if config.teachers is None:
+        if config.teacher_routing != "key":  # the default; any other routing only means something with teachers
+            raise ValueError(f"teacher_routing={config.teacher_routing!r} needs teachers (several); with one teacher "
+                             "(teacher_model / teacher_server_url) there is nothing to route")
         return
     if config.teacher_model or config.teacher_server_url:
         raise ValueError("set either teachers (several) or teacher_model / teacher_server_url (one teacher), not both")
+    for name, fields in config.teachers.items():
+        # A teacher without its own temperature takes the top-level teacher_temperature, which a server cannot apply.
+        temperature = fields.get("temperature") or config.teacher_temperature
+        if fields.get("server_url") and temperature != 1.0:
+            raise ValueError(f"teachers.{name}: a server teacher scores at temperature 1 (server prompt_logprobs), but "
+                             f"its teacher_temperature is {temperature} (from the top-level teacher_temperature; set "
+                             f"teachers.{name}.temperature: 1 or teacher_temperature: 1)")
     if config.teacher_routing == "key" and not (isinstance(config.teacher_key, str) and config.teacher_key):
         raise ValueError(f"teacher_routing='key' needs teacher_key, the dataset column naming each prompt's teacher; "
                          f"got {config.teacher_key!r}")
@@ -135,17 +168,24 @@ def teacher_fields(config, name: str):
     return types.SimpleNamespace(**values)
 
 
-def check_dataset_routes(dataset, key: str, names) -> None:
-    """Every row of ``dataset`` names a known teacher in column ``key`` (an error naming the column and row)."""
+def check_dataset_routes(dataset, key: str, names, which: str = "training dataset") -> None:
+    """Every row of ``dataset`` names a known teacher in column ``key`` (an error naming ``which``, the column and row).
+
+    ``dataset``: one dataset or a mapping name -> dataset (the trainer's ``eval_dataset`` may be either).
+    """
+    if isinstance(dataset, dict):
+        for part, data in dataset.items():
+            check_dataset_routes(data, key, names, f"{which} {part!r}")
+        return
     columns = getattr(dataset, "column_names", None)
     if columns is None:
         return  # an iterable dataset: checked per batch
     if key not in columns:
-        raise ValueError(f"teacher_routing='key': the training dataset has no column {key!r} (teacher_key) naming each "
+        raise ValueError(f"teacher_routing='key': the {which} has no column {key!r} (teacher_key) naming each "
                          f"prompt's teacher; its columns are {columns}; known teachers: {list(names)}")
     for row, value in enumerate(dataset[key]):
         if value not in names:
-            raise ValueError(f"teacher_routing='key': row {row} of the training dataset names teacher {value!r} in "
+            raise ValueError(f"teacher_routing='key': row {row} of the {which} names teacher {value!r} in "
                              f"column {key!r}; known teachers: {list(names)}")
 
 
@@ -267,7 +307,13 @@ def build_teacher(trainer, fields, teacher_model=None):
 def build_teacher_pool(trainer, teachers=None) -> TeacherPool:
     """A :class:`TeacherPool` of ``args.teachers`` (``teachers``: ready scorers by name, overriding the config)."""
     args = trainer.args
+    from .server_client import TeacherServerError
+
     names = list(args.teachers)
+    unknown = [name for name in (teachers or {}) if name not in names]
+    if unknown:
+        raise ValueError(f"teacher= names {unknown}, not in teachers {names}: every scorer passed must stand in for "
+                         "one of the configured teachers")
     built = {}
     for name in names:
         if teachers is not None and name in teachers:
@@ -277,6 +323,8 @@ def build_teacher_pool(trainer, teachers=None) -> TeacherPool:
                 built[name] = build_teacher(trainer, teacher_fields(args, name))
             except ValueError as err:
                 raise ValueError(f"teachers.{name}: {err}") from err
+            except TeacherServerError as err:  # e.g. the server is down at start-up: same type, naming the teacher
+                raise TeacherServerError(f"teachers.{name}: {err}", url=err.url, rows=err.rows) from err
     return TeacherPool(built, routing=args.teacher_routing)
 
 
@@ -366,40 +414,54 @@ class TeacherPool:
         return out
 
     def score(self, prompt_ids, completion_ids, teacher_names=None) -> list[torch.Tensor]:
+        scored, taught = self.score_uncounted(prompt_ids, completion_ids, teacher_names)
+        self.count_taught(taught)
+        return scored
+
+    def score_uncounted(self, prompt_ids, completion_ids, teacher_names=None) -> tuple[list[torch.Tensor], list]:
+        """``score``'s log-probs and, per row, what :meth:`count_taught` counts for it, not counted yet.
+
+        The overlap prefetch scores rows the step may not use (a row whose completion changed is scored again):
+        it counts only the rows whose prefetched values the step takes. Calls and failures are counted here.
+        """
         if self.routing == "key":
             if teacher_names is None:
                 raise ValueError("teacher_routing='key': score needs each row's teacher name (teacher_names)")
             scored = self.call_routed("score", prompt_ids, completion_ids, teacher_names)
             routes = list(teacher_names)
             nonfinite = [not bool(torch.isfinite(v).all()) for v in scored]
-            self._count(routes, scored, nonfinite, {name: [] for name in self.names})
-            return scored
-        # min_perplexity: every teacher scores every row; the highest mean log-prob wins, first teacher on ties.
-        per_teacher = {name: self._call(name, "score", prompt_ids, completion_ids) for name in self.names}
-        scored, routes, nonfinite, failed = [], [], [], {name: [] for name in self.names}
-        for i in range(len(prompt_ids)):
-            best, best_mean, bad = None, None, None
-            for name in self.names:
-                values = per_teacher[name][i]
-                if not bool(torch.isfinite(values).all()):
-                    failed[name].append(i)
-                    bad = bad or name
-                    continue
-                mean = float(values.double().mean()) if values.numel() else 0.0
-                if best is None or mean > best_mean:  # strictly greater: ties stay with the earlier teacher
-                    best, best_mean = name, mean
-            chosen = bad or best  # a row non-finite for any teacher is that teacher's, and dropped as non-finite
-            scored.append(per_teacher[chosen][i])
-            routes.append(chosen)
-            nonfinite.append(bad is not None)
-        self._count(routes, scored, nonfinite, failed)
-        return scored
-
-    def _count(self, routes, scored, nonfinite, failed) -> None:
+            failed = [[] for _ in scored]  # key: a non-finite row counts in its own teacher's nan_rows (below)
+        else:
+            # min_perplexity: every teacher scores every row; the highest mean log-prob wins, first teacher on ties.
+            per_teacher = {name: self._call(name, "score", prompt_ids, completion_ids) for name in self.names}
+            scored, routes, nonfinite, failed = [], [], [], []
+            for i in range(len(prompt_ids)):
+                best, best_mean, bad, failed_on = None, None, None, []
+                for name in self.names:
+                    values = per_teacher[name][i]
+                    if not bool(torch.isfinite(values).all()):
+                        failed_on.append(name)
+                        bad = bad or name
+                        continue
+                    mean = float(values.double().mean()) if values.numel() else 0.0
+                    if best is None or mean > best_mean:  # strictly greater: ties stay with the earlier teacher
+                        best, best_mean = name, mean
+                chosen = bad or best  # a row non-finite for any teacher is that teacher's, and dropped as non-finite
+                scored.append(per_teacher[chosen][i])
+                routes.append(chosen)
+                nonfinite.append(bad is not None)
+                failed.append(failed_on)
         self.last_routes = [None if bad and self.routing == "min_perplexity" else r for r, bad in zip(routes, nonfinite)]
+        return scored, list(zip(routes, scored, nonfinite, failed))
+
+    def count_taught(self, taught) -> None:
+        """Count rows from :meth:`score_uncounted`: ``rows`` / ``tokens`` / means for each finite taught row,
+        ``nan_rows`` for each teacher a row was non-finite for."""
         with self._lock:
-            for name, values, bad in zip(routes, scored, nonfinite):
+            for name, values, bad, failed_on in taught:
                 counts = self._counts[name]
+                for failed_name in failed_on:
+                    self._counts[failed_name]["nan_rows"] += 1
                 if bad:
                     if self.routing == "key":
                         counts["nan_rows"] += 1
@@ -412,8 +474,6 @@ class TeacherPool:
                 counts["tokens"] += n
                 counts["logp_sum"] += mean
                 counts["ppl_sum"] += math.exp(-mean) if -mean < 700 else float("inf")
-            for name, rows in failed.items():
-                self._counts[name]["nan_rows"] += len(rows)
 
     def stats_delta(self) -> dict[str, float]:
         """Per-teacher counter increments since the previous call, keys ``<name>/<counter>``."""
