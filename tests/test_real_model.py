@@ -193,6 +193,38 @@ def test_the_cpu_override_gradient_checkpointing_false_turns_the_presets_checkpo
         assert (args.activation_checkpointing, args.gradient_checkpointing) == (expected, expected), (preset, override)
 
 
+# -- the student/teacher tokenizer check on a real tokenizer -------------------------------------------------------
+
+
+def test_a_tokenizer_saved_by_the_sft_scripts_round_trip_passes_the_teacher_check_silently(tokenizer, tmp_path):
+    """scripts/word_problems_teacher.py saves the teacher's tokenizer with save_pretrained: it must come back with
+    the same vocabulary, eos/pad and chat template, or every SCOPE run with that teacher warns or fails."""
+    from transformers import AutoTokenizer
+
+    from scope_opd.teachers import check_tokenizers_match
+
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a TokenizerMismatchWarning (chat template, pad) fails the test
+        check_tokenizers_match(tokenizer, reloaded, "smollm2", "saved copy")
+
+
+def test_scope_train_refuses_a_teacher_with_another_tokenizer_before_loading_it(smollm2, problems, tmp_path):
+    """SmolLM2 (49,152 BPE tokens) as the student and the toy's char-level teacher: the run must stop at start-up
+    with an error naming both models, never score SmolLM2's ids with a model that reads them as other tokens."""
+    from scope_opd.toy.models import ensure_toy_models
+    from scope_opd.train_cli import run_cli
+
+    toy_teacher = str(ensure_toy_models().teacher)
+    argv = train_argv(smollm2, problems, tmp_path / "mismatch", "--algorithm", "scope", "--max_steps", "1",
+                      "--save_strategy", "no", "--teacher_model", toy_teacher)
+    with pytest.raises(ValueError, match="different vocabularies") as raised:
+        run_cli(argv)
+    assert str(smollm2) in str(raised.value) and toy_teacher in str(raised.value)
+    assert not (tmp_path / "mismatch" / "model.safetensors").exists()
+
+
 # -- one step of each method on the paper preset ----------------------------------------------------------------
 
 
