@@ -50,7 +50,10 @@ def run(command: list[str]) -> str:
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=env())
     if result.returncode != 0:
-        sys.exit(f"{' '.join(command[:4])} ... failed:\n{result.stderr[-4000:]}")
+        # the steps logged before the failure (an OOM kill in a later step) are on stdout: keep them
+        logged = [line for line in result.stdout.splitlines() if "{'loss'" in line]
+        sys.exit(f"{' '.join(command[:4])} ... failed (exit {result.returncode}; -9: killed, e.g. out of memory):\n"
+                 + "\n".join(logged) + f"\n{result.stderr[-4000:]}")
     print(f"  ({' '.join(command[2:4])}: {time.time() - start:.0f} s)", file=sys.stderr)
     return result.stdout + result.stderr
 
