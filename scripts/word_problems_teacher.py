@@ -93,14 +93,14 @@ def main() -> int:
     parser.add_argument("--out", default="smollm2-word-problems-teacher",
                         help="folder name under ${SCOPE_CACHE:-~/.cache/scope-opd}")
     args = parser.parse_args()
+    cache = Path(os.environ.get("SCOPE_CACHE", Path.home() / ".cache" / "scope-opd"))
+    if not args.out or "/" in args.out or args.out.startswith("."):
+        parser.error(f"--out must be a plain folder name under {cache}, got {args.out!r}")
     import torch
 
     torch.set_num_threads(args.threads)
     base = args.base or subprocess.run(["bash", str(REPO / "scripts" / "smollm2.sh")], check=True,
                                        capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    cache = Path(os.environ.get("SCOPE_CACHE", Path.home() / ".cache" / "scope-opd"))
-    if not args.out or "/" in args.out or args.out.startswith("."):
-        parser.error(f"--out must be a plain folder name under {cache}, got {args.out!r}")
     out = cache / args.out
     stamp = json.dumps(recipe(args), sort_keys=True)
 
