@@ -5,10 +5,15 @@ worked solutions (scope_opd.tasks.word_problems, train split): prompt = the chat
 the paper's boxed instruction, target = the solution + <|im_end|>, loss on the target tokens only. It is then right
 more often than the base model, which reasons at length and almost never writes \\boxed{}.
 
-Cached at ${SCOPE_CACHE:-~/.cache/scope-opd}/smollm2-word-problems-teacher (built in a temporary folder and renamed,
-under a lock; `.complete` holds the recipe). Prints the folder as its last stdout line.
+Cached at ${SCOPE_CACHE:-~/.cache/scope-opd}/<--out> (default smollm2-word-problems-teacher; built in a temporary
+folder and renamed, under a lock; `.complete` holds the recipe, and a change of recipe rebuilds). Prints the folder
+as its last stdout line.
+
+The same script builds the real-model runs' sometimes-right student: a shorter SFT of the same recipe (same seed,
+so its batches are the first ones the teacher's run sees), cached under another name:
 
   nice -n 10 python scripts/word_problems_teacher.py [--base DIR] [--steps 12] [--threads 1]
+  nice -n 10 python scripts/word_problems_teacher.py --steps 4 --out smollm2-word-problems-student
 """
 
 from __future__ import annotations
@@ -85,14 +90,18 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="smollm2-word-problems-teacher",
+                        help="folder name under ${SCOPE_CACHE:-~/.cache/scope-opd}")
     args = parser.parse_args()
+    cache = Path(os.environ.get("SCOPE_CACHE", Path.home() / ".cache" / "scope-opd"))
+    if not args.out or "/" in args.out or args.out.startswith("."):
+        parser.error(f"--out must be a plain folder name under {cache}, got {args.out!r}")
     import torch
 
     torch.set_num_threads(args.threads)
     base = args.base or subprocess.run(["bash", str(REPO / "scripts" / "smollm2.sh")], check=True,
                                        capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    cache = Path(os.environ.get("SCOPE_CACHE", Path.home() / ".cache" / "scope-opd"))
-    out = cache / "smollm2-word-problems-teacher"
+    out = cache / args.out
     stamp = json.dumps(recipe(args), sort_keys=True)
 
     def complete() -> bool:
@@ -100,13 +109,13 @@ def main() -> int:
 
     if not complete():
         cache.mkdir(parents=True, exist_ok=True)
-        with open(cache / "smollm2-word-problems-teacher.lock", "w") as lock:
+        with open(cache / f"{args.out}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not complete():
-                for leftover in cache.glob(".teacher-build.*"):  # a killed build's; we hold the lock
+                for leftover in cache.glob(f".{args.out}-build.*"):  # a killed build's; we hold the lock
                     shutil.rmtree(leftover, ignore_errors=True)
                 start = time.time()
-                staging = Path(tempfile.mkdtemp(prefix=".teacher-build.", dir=cache))
+                staging = Path(tempfile.mkdtemp(prefix=f".{args.out}-build.", dir=cache))
                 try:
                     info = build(base, staging, args)
                     info["build_seconds"] = round(time.time() - start, 1)

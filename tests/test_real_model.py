@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,67 @@ def test_math_verifier_reads_the_real_chat_models_decoded_assistant_turn(tokeniz
         kept = tokenizer.batch_decode(ids, skip_special_tokens=False)
         assert all(t.endswith("<|im_end|>") for t in kept)
         assert reward(prompts=[None] * 4, completions=kept, answer=golds) == [1.0] * 4
+
+
+# -- the presets' checkpointing switch (transformers 5.x renamed it) -------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_cpu_override_gradient_checkpointing_false_turns_the_presets_checkpointing_off(preset):
+    """Every CPU command line in the docs turns a preset's checkpointing off with ``--gradient_checkpointing false``.
+
+    transformers 5.25 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name warns a
+    FutureWarning and is removed in v6) and, once the new name is set, silently overwrites the old one with it.
+    So a preset that switches to the new name (to silence the warning) while users still pass the old name on the
+    command line keeps checkpointing ON: measured here with a copy of r1-distill-qwen-1.5b.yaml renamed that way.
+    This pins the two names agreeing after parsing, whichever spelling the preset and the command line use."""
+    from trl import ModelConfig, TrlParser
+
+    from scope_opd.train_cli import TrainScriptArguments, null_means_none
+    from scope_opd.trainer import SCOPEConfig
+
+    types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
+    for override, expected in (([], True), (["--gradient_checkpointing", "false"], False),
+                               (["--activation_checkpointing", "false"], False)):
+        parser = TrlParser(types)
+        null_means_none(parser, types)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the rename's own warning, reported in docs/real-model.md
+            args = parser.parse_args_and_config(["--config", str(preset), "--output_dir", "unused", "--bf16",
+                                                 "false", "--use_cpu", "true", *override])[1]
+        assert (args.activation_checkpointing, args.gradient_checkpointing) == (expected, expected), (preset, override)
+
+
+# -- the student/teacher tokenizer check on a real tokenizer -------------------------------------------------------
+
+
+def test_a_tokenizer_saved_by_the_sft_scripts_round_trip_passes_the_teacher_check_silently(tokenizer, tmp_path):
+    """scripts/word_problems_teacher.py saves the teacher's tokenizer with save_pretrained: it must come back with
+    the same vocabulary, eos/pad and chat template, or every SCOPE run with that teacher warns or fails."""
+    from transformers import AutoTokenizer
+
+    from scope_opd.teachers import check_tokenizers_match
+
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a TokenizerMismatchWarning (chat template, pad) fails the test
+        check_tokenizers_match(tokenizer, reloaded, "smollm2", "saved copy")
+
+
+def test_scope_train_refuses_a_teacher_with_another_tokenizer_before_loading_it(smollm2, problems, tmp_path):
+    """SmolLM2 (49,152 BPE tokens) as the student and the toy's char-level teacher: the run must stop at start-up
+    with an error naming both models, never score SmolLM2's ids with a model that reads them as other tokens."""
+    from scope_opd.toy.models import ensure_toy_models
+    from scope_opd.train_cli import run_cli
+
+    toy_teacher = str(ensure_toy_models().teacher)
+    argv = train_argv(smollm2, problems, tmp_path / "mismatch", "--algorithm", "scope", "--max_steps", "1",
+                      "--save_strategy", "no", "--teacher_model", toy_teacher)
+    with pytest.raises(ValueError, match="different vocabularies") as raised:
+        run_cli(argv)
+    assert str(smollm2) in str(raised.value) and toy_teacher in str(raised.value)
+    assert not (tmp_path / "mismatch" / "model.safetensors").exists()
 
 
 # -- one step of each method on the paper preset ----------------------------------------------------------------
