@@ -136,7 +136,7 @@ def main() -> int:
         out = run(scope("train", "--config", str(PRESET), "--model_name_or_path", student, "--teacher_model", teacher,
                         "--dataset_name", str(files["train"]), "--answer_field", "answer", "--output_dir",
                         str(work / "scope"), "--dtype", "float32", "--teacher_dtype", "float32", "--bf16", "false",
-                        "--use_cpu", "true", "--use_vllm", "false", "--gradient_checkpointing", "false",
+                        "--use_cpu", "true", "--use_vllm", "false", "--activation_checkpointing", "false",
                         "--max_completion_length", str(args.max_tokens), "--num_generations", str(args.k),
                         "--per_device_train_batch_size", str(args.prompts * args.k), "--gradient_accumulation_steps",
                         "1", "--steps_per_generation", "1", "--max_steps", str(args.steps), "--save_strategy", "no",

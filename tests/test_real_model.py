@@ -35,7 +35,7 @@ VLLM_TOLERANCE = 1e-4
 # What makes the 1.5B GPU preset a CPU run of a few seconds per step; everything else is the preset's.
 CPU_OVERRIDES = [
     "--dtype", "float32", "--teacher_dtype", "float32", "--bf16", "false", "--use_cpu", "true",
-    "--use_vllm", "false", "--gradient_checkpointing", "false",
+    "--use_vllm", "false", "--activation_checkpointing", "false",
     "--max_completion_length", "24", "--num_generations", "2", "--per_device_train_batch_size", "4",
     "--gradient_accumulation_steps", "1", "--steps_per_generation", "1", "--report_to", "none",
     "--answer_field", "answer", "--dataloader_num_workers", "0",
@@ -168,29 +168,33 @@ def test_math_verifier_reads_the_real_chat_models_decoded_assistant_turn(tokeniz
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
-def test_the_cpu_override_gradient_checkpointing_false_turns_the_presets_checkpointing_off(preset):
-    """Every CPU command line in the docs turns a preset's checkpointing off with ``--gradient_checkpointing false``.
-
-    transformers 5.25 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name warns a
-    FutureWarning and is removed in v6) and, once the new name is set, silently overwrites the old one with it.
-    So a preset that switches to the new name (to silence the warning) while users still pass the old name on the
-    command line keeps checkpointing ON: measured here with a copy of r1-distill-qwen-1.5b.yaml renamed that way.
-    This pins the two names agreeing after parsing, whichever spelling the preset and the command line use."""
+def test_the_presets_checkpointing_switch_parses_without_the_deprecation_and_never_silently(preset):
+    """transformers 5.25 renamed ``gradient_checkpointing`` to ``activation_checkpointing``: the old name warns a
+    FutureWarning (removed in v6) and, once the new name is set, is silently overwritten by it. The presets use the
+    new name and SCOPEConfig no longer inherits TRL's default under the old one, so loading a preset warns nothing;
+    ``--activation_checkpointing false`` (the docs' CPU override) turns it off; the old habit
+    ``--gradient_checkpointing false`` against a preset's ``activation_checkpointing: true`` is an error, never a
+    run that silently keeps checkpointing on (measured: it did, with a preset renamed naively)."""
     from trl import ModelConfig, TrlParser
 
     from scope_opd.train_cli import TrainScriptArguments, null_means_none
     from scope_opd.trainer import SCOPEConfig
 
     types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
-    for override, expected in (([], True), (["--gradient_checkpointing", "false"], False),
-                               (["--activation_checkpointing", "false"], False)):
+
+    def parse(*override):
         parser = TrlParser(types)
         null_means_none(parser, types)
+        return parser.parse_args_and_config(["--config", str(preset), "--output_dir", "unused", "--bf16",
+                                             "false", "--use_cpu", "true", *override])[1]
+
+    for override, expected in (([], True), (["--activation_checkpointing", "false"], False)):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # the rename's own warning, reported in docs/real-model.md
-            args = parser.parse_args_and_config(["--config", str(preset), "--output_dir", "unused", "--bf16",
-                                                 "false", "--use_cpu", "true", *override])[1]
+            warnings.simplefilter("error", FutureWarning)  # no deprecation from the preset or SCOPEConfig's defaults
+            args = parse(*override)
         assert (args.activation_checkpointing, args.gradient_checkpointing) == (expected, expected), (preset, override)
+    with pytest.raises(ValueError, match="gradient_checkpointing is transformers' deprecated alias"):
+        parse("--gradient_checkpointing", "false")
 
 
 # -- the student/teacher tokenizer check on a real tokenizer -------------------------------------------------------

@@ -268,7 +268,35 @@ class SCOPEConfig(GRPOConfig):
     )
     # ---- end overlap / rollout log-probs
 
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing and keeps the old name as a
+    # deprecated alias that applies only when the new one is unset. TRL 1.16 still defaults the *old* name to
+    # True, so every config warned "will be removed in v6"; here both default to unset and TRL's default (on)
+    # goes to the new name. A config that sets both to different values is refused: the new name would win
+    # silently (a preset's `activation_checkpointing: true` with `--gradient_checkpointing false`).
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (transformers' name). Unset: "
+                  "on (TRL's default), unless the deprecated gradient_checkpointing is set."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5.x; removed in v6). Setting it "
+                  "to a value other than activation_checkpointing's is an error."},
+    )
+
+    def _resolve_activation_checkpointing(self):
+        new, old = self.activation_checkpointing, self.gradient_checkpointing
+        if new is not None and old is not None and bool(new) != bool(old):
+            raise ValueError(
+                f"activation_checkpointing={new} and gradient_checkpointing={old}: gradient_checkpointing is "
+                "transformers' deprecated alias of activation_checkpointing, which would win silently; set only "
+                "activation_checkpointing (e.g. --activation_checkpointing false)"
+            )
+        if new is None and old is None:
+            self.activation_checkpointing = True  # TRL's default, under the new name (no deprecation warning)
+
     def __post_init__(self):
+        self._resolve_activation_checkpointing()
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         for name, value, allowed in (
