@@ -170,3 +170,51 @@ def test_scope_loss_refuses_to_clip_a_top_k_divergence():
     with pytest.raises(ValueError, match="no importance ratio to clip"):
         scope_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1), torch.ones(1), torch.ones(1),
                    opd_token_loss=torch.zeros(1, 2), clip_epsilon=0.2)
+
+
+class TopKCorrupted:
+    """An in-process teacher whose first scored row gets one non-finite top-k value (what a server can send:
+    NaN, or vLLM's -9999 read as -inf); its sampled-token log-probs stay finite."""
+
+    def __init__(self, model, value):
+        from scope_opd.teachers import InProcessTeacher
+
+        self.inner, self.value = InProcessTeacher(model, device="cpu"), value
+
+    def score(self, prompt_ids, completion_ids):
+        return self.inner.score(prompt_ids, completion_ids)
+
+    def score_topk(self, prompt_ids, completion_ids, k):
+        from scope_opd.teachers.in_process import TokenScores
+
+        scores = self.inner.score_topk(prompt_ids, completion_ids, k)
+        first = scores[0]
+        top_logprobs = first.top_logprobs.clone()
+        top_logprobs[0, -1] = self.value
+        scores[0] = TokenScores(first.logprobs, top_ids=first.top_ids, top_logprobs=top_logprobs)
+        return scores
+
+
+@pytest.mark.parametrize("opd_loss", ["topk_reverse", "topk_forward"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_non_finite_top_k_value_drops_its_row_and_counts_it(tmp_path, tiny_pair_dir, opd_loss, value):
+    """Like a NaN sampled log-prob: the row leaves the loss (scope/teacher_nonfinite_rows), the step goes on,
+    and the loss is the formula over the other rows."""
+    args = make_args(tmp_path, "scope", temperature=ROLLOUT_TEMPERATURE, teacher_top_k=TOP_K, opd_loss=opd_loss,
+                     learning_rate=0.0)
+    teacher = TopKCorrupted(AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]), value)
+    trainer = GradientRecorder(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                               train_dataset=dataset(), teacher=teacher,
+                               processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+    trainer.train()
+    assert trainer.state.log_history[0]["scope/teacher_nonfinite_rows"] == 1.0
+    (record,) = trainer.records
+    inputs = record["inputs"]
+    dropped = inputs["completion_mask"].bool().any(1) & ~inputs["scope_loss_mask"].bool().any(1)
+    assert dropped.sum() == 1  # the corrupted row, and only it
+    kept_wrong = inputs["scope_loss_mask"].bool().any(1) & ~inputs["scope_correct"].bool()
+    assert kept_wrong.any(), "the fixture should have wrong rows beside the dropped one"
+    assert torch.isfinite(inputs["teacher_topk_logps"]).all()
+    torch.testing.assert_close(record["loss"], record["expected"], rtol=1e-5, atol=1e-6)
+    for got, want in zip(record["grads"], record["expected_grads"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

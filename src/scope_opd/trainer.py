@@ -1024,8 +1024,18 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             if n and not (0 <= int(values.top_ids.min()) and int(values.top_ids.max()) < vocab):
                 raise RuntimeError(f"teacher's top-k ids for row {i} fall outside the student's vocabulary [0, {vocab})")
             teacher_logps[i, :n] = values.logprobs.to(device, torch.float32)
+            top_logprobs = values.top_logprobs.to(device, torch.float32)
+            if not torch.isfinite(top_logprobs).all():
+                # A NaN, or a -inf (vLLM's -9999: the teacher gives fewer than K tokens any probability), in the
+                # top-k has no usable divergence (0 * inf, or an infinite reverse KL): the row is a non-finite
+                # teacher row, dropped and counted in scope/teacher_nonfinite_rows like a NaN sampled log-prob.
+                teacher_logps[i, :n] = float("nan")
+                continue
+            if n and width > 1 and (values.top_ids.sort(dim=-1).values.diff(dim=-1) == 0).any():
+                raise RuntimeError(f"teacher's top-k ids for row {i} repeat a token id at one position (a token's mass "
+                                   "counted twice): the teacher's answer is malformed")
             topk_ids[i, :n] = values.top_ids.to(device, torch.long)
-            topk_logps[i, :n] = values.top_logprobs.to(device, torch.float32)
+            topk_logps[i, :n] = top_logprobs
         return teacher_logps, {"teacher_topk_ids": topk_ids, "teacher_topk_logps": topk_logps}
 
     def _student_topk_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
