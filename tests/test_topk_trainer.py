@@ -135,6 +135,11 @@ def test_topk_loss_moves_the_student_differently_from_the_sampled_loss(tmp_path,
     (dict(opd_loss="topk_reverse", opd_advantage="old"), "opd_advantage='old'"),
     (dict(opd_loss="topk_reverse", teacher_overlap=True), "teacher_overlap=True"),
     (dict(opd_loss="topk_reverse", algorithm="grpo"), "algorithm='grpo'"),
+    # renormalised on one token the reverse KL is identically 0: nothing would train on the wrong rows
+    (dict(opd_loss="topk_reverse", teacher_top_k=1), "opd_loss='topk_reverse' with teacher_top_k=1"),
+    # SCOPE's loss has no entropy mask: TRL's option would be silently ignored
+    (dict(top_entropy_quantile=0.2), r"top_entropy_quantile=0.2 with algorithm='scope'"),
+    (dict(algorithm="opd", top_entropy_quantile=0.5), r"top_entropy_quantile=0.5 with algorithm='opd'"),
 ])
 def test_topk_options_refuse_what_they_cannot_mean(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -218,3 +223,21 @@ def test_a_non_finite_top_k_value_drops_its_row_and_counts_it(tmp_path, tiny_pai
     torch.testing.assert_close(record["loss"], record["expected"], rtol=1e-5, atol=1e-6)
     for got, want in zip(record["grads"], record["expected_grads"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_forward_with_k_1_is_accepted(tmp_path):
+    """K = 1 keeps a meaning for topk_forward (the top-1 token and the tail bucket): only topk_reverse refuses it."""
+    assert make_args(tmp_path, "scope", opd_loss="topk_forward", teacher_top_k=1).teacher_top_k == 1
+
+
+def test_teacher_top_k_above_the_vocabulary_is_refused_naming_both(tmp_path, tiny_pair_dir):
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"]).config.get_text_config().vocab_size
+
+    def trainer(k):
+        args = make_args(tmp_path, "scope", teacher_model=tiny_pair_dir["teacher"], opd_loss="topk_forward", teacher_top_k=k)
+        return SCOPETrainer(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                            train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+
+    with pytest.raises(ValueError, match=rf"teacher_top_k={vocab + 1} is more than the student's vocabulary of {vocab}"):
+        trainer(vocab + 1)
+    assert trainer(vocab).args.teacher_top_k == vocab  # K = V is allowed: the full-vocabulary KL
