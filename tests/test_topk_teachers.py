@@ -90,6 +90,33 @@ def test_server_refuses_k_above_its_max_logprobs_naming_both(teacher_server):
         client.check_top_k(MAX_PROMPT_LOGPROBS + 1)
 
 
+def test_serve_teacher_max_logprobs_raises_the_cap(tiny_pair_dir, teacher_model, rows):
+    """`scope serve-teacher --max-logprobs N` (default 20, vLLM's): K up to N is served and equals the full logits."""
+    import argparse
+
+    from scope_opd.teachers.serve import configure_parser, start_server
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args(["--model", "m"]).max_logprobs == MAX_PROMPT_LOGPROBS
+    assert parser.parse_args(["--model", "m", "--max-logprobs", "30"]).max_logprobs == 30
+    with pytest.raises(ValueError, match="--max-logprobs must be an integer >= 0, got -2"):
+        start_server(tiny_pair_dir["teacher"], "127.0.0.1", 0, device="cpu", max_logprobs=-2)
+    server, thread = start_server(tiny_pair_dir["teacher"], "127.0.0.1", 0, dtype="float32", device="cpu", max_logprobs=30)
+    try:
+        client = ServerTeacher(server.url + "/v1", max_retries=0)
+        client.check_top_k(30)
+        with pytest.raises(TeacherServerError, match="teacher_top_k=31 is more than the server's max_logprobs 30"):
+            client.check_top_k(31)
+        prompts, completions = rows
+        assert_topk_matches(client.score_topk(prompts, completions, 25), full_logits_topk(teacher_model, prompts, completions, 25),
+                            atol=1e-4)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def reply(entries_per_position):
     """A vLLM completions answer for one token-id prompt, with the given prompt_logprobs entries after position 0."""
     entries = [None] + [{str(t): {"logprob": v, "rank": r, "decoded_token": "x"} for t, v, r in position}
