@@ -166,7 +166,8 @@ def item(logprob, rank=None):
     ({"6": item(-0.1, 3), "9": item(-0.5, 1), "3": item(-1.0, 2)}, "scored token 6's log-prob -0.1 is above the lowest"),
     ({"6": item(-0.1), "9": item(-0.5), "3": item(-1.0)}, "scored token 6's log-prob -0.1 is above the lowest"),
     # its log-prob is lowest but its rank says it is inside the top-2
-    ({"6": item(-2.0, 1), "9": item(-0.5, 2), "3": item(-1.0, 3)}, r"scored token 6 has rank 1 \(outside the top-2"),
+    ({"6": item(-2.0, 1), "9": item(-0.5, 2), "3": item(-1.0, 3)}, r"scored token 6 has rank 1 \(outside the top-2, below 2"),
+    ({"6": item(-2.0, 2), "9": item(-0.5, 1), "3": item(-1.0, 3)}, r"scored token 6 has rank 2 \(outside the top-2, below 2"),
     # token ids in another spelling than str(id): '05' beside '5' would be the same id twice
     ({"6": item(-0.7, 1), "05": item(-0.2, 1), "5": item(-0.9, 2)}, "token id '05', not written as '5'"),
     ({"6": item(-0.7, 1), " 9": item(-0.9, 2)}, "token id ' 9', not written as '9'"),
@@ -184,6 +185,8 @@ def test_a_top_k_entry_that_contradicts_itself_is_malformed(scripted, entry, rea
     # the scored token outside the top-2, tied with its lowest entry (allowed), with and without a rank
     ({"6": item(-1.0, 3), "9": item(-0.5, 1), "3": item(-1.0, 2)}, [9, 3], [-0.5, -1.0]),
     ({"6": item(-1.0), "9": item(-0.5), "3": item(-1.0)}, [9, 3], [-0.5, -1.0]),
+    # tied with the lowest entry, a rank counting only the tokens strictly above it (2) is consistent
+    ({"6": item(-1.0, 2), "9": item(-0.5, 1), "3": item(-1.0, 2)}, [9, 3], [-0.5, -1.0]),
     # vLLM's -9999 (a masked token, -inf) as the scored token outside the top-2
     ({"6": item(-9999.0, 7), "9": item(-0.5, 1), "3": item(-1.0, 2)}, [9, 3], [-0.5, -1.0]),
 ])

@@ -648,7 +648,8 @@ def _top_k_entries(entry: dict, token: int, top_k: int, where: str, row: int) ->
     them) or ``k + 1`` (the scored token outside the top-``k``: dropped), sorted by log-prob, then id.
 
     With ``k + 1`` entries the scored token must really be outside the top-``k``: its log-prob at most the
-    smallest of the others (a tie is allowed) and its ``rank``, when sent, above ``k``; else the
+    smallest of the others (a tie is allowed) and its ``rank``, when sent, above the number of entries
+    with a higher log-prob (``k`` unless it ties); else the
     answer is malformed (dropping it would lose the true top-1). Every key is a canonical id, none twice.
     """
     ids = {key: _token_id(key, where) for key in entry}
@@ -677,10 +678,13 @@ def _top_k_entries(entry: dict, token: int, top_k: int, where: str, row: int) ->
                 f"{scored_value!r} is above the lowest of the other {top_k} ({lowest!r}): it belongs in the top-{top_k}"
             )
         rank = scored.get("rank") if isinstance(scored, dict) else None
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= top_k):
+        # Outside the top-k, its rank is above k; tied with the lowest entries it may count only the tokens
+        # strictly above it (a tie-aware rank), so the bound is the number of entries above its log-prob.
+        above = sum(value > scored_value for value in values)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= above):
             raise _MalformedResponse(
                 f"{where} has {top_k + 1} entries for prompt_logprobs {top_k}, but the scored token {token} has rank "
-                f"{rank!r} (outside the top-{top_k} means rank > {top_k})"
+                f"{rank!r} (outside the top-{top_k}, below {above} higher entries, means rank > {above})"
             )
     out.sort(key=lambda pair: (-pair[0] if not math.isnan(pair[0]) else math.inf, pair[1]))
     return out
