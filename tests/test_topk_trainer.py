@@ -181,10 +181,10 @@ class TopKCorrupted:
     """An in-process teacher whose first scored row gets one non-finite top-k value (what a server can send:
     NaN, or vLLM's -9999 read as -inf); its sampled-token log-probs stay finite."""
 
-    def __init__(self, model, value):
+    def __init__(self, model, value, repeat_id=False):
         from scope_opd.teachers import InProcessTeacher
 
-        self.inner, self.value = InProcessTeacher(model, device="cpu"), value
+        self.inner, self.value, self.repeat_id = InProcessTeacher(model, device="cpu"), value, repeat_id
 
     def score(self, prompt_ids, completion_ids):
         return self.inner.score(prompt_ids, completion_ids)
@@ -194,9 +194,11 @@ class TopKCorrupted:
 
         scores = self.inner.score_topk(prompt_ids, completion_ids, k)
         first = scores[0]
-        top_logprobs = first.top_logprobs.clone()
+        top_logprobs, top_ids = first.top_logprobs.clone(), first.top_ids.clone()
         top_logprobs[0, -1] = self.value
-        scores[0] = TokenScores(first.logprobs, top_ids=first.top_ids, top_logprobs=top_logprobs)
+        if self.repeat_id:  # the last entry repeats the first one's id
+            top_ids[0, -1] = top_ids[0, 0]
+        scores[0] = TokenScores(first.logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
         return scores
 
 
@@ -241,3 +243,14 @@ def test_teacher_top_k_above_the_vocabulary_is_refused_naming_both(tmp_path, tin
     with pytest.raises(ValueError, match=rf"teacher_top_k={vocab + 1} is more than the student's vocabulary of {vocab}"):
         trainer(vocab + 1)
     assert trainer(vocab).args.teacher_top_k == vocab  # K = V is allowed: the full-vocabulary KL
+
+
+def test_a_repeated_top_k_id_from_the_teacher_fails_at_scoring_naming_the_row(tmp_path, tiny_pair_dir):
+    """One token's mass counted twice is a broken teacher, not a tie: the step fails where the teacher answered."""
+    args = make_args(tmp_path, "scope", teacher_top_k=TOP_K, opd_loss="topk_forward")
+    teacher = TopKCorrupted(AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]), -5.0, repeat_id=True)
+    trainer = SCOPETrainer(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                           train_dataset=dataset(), teacher=teacher,
+                           processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+    with pytest.raises(RuntimeError, match=r"teacher's top-k ids for row \d+ repeat a token id at one position"):
+        trainer.train()
