@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scope_opd.algorithms import topk_forward_kl, topk_reverse_kl
+from scope_opd.algorithms import student_tail_log_mass, topk_forward_kl, topk_reverse_kl
 
 VOCAB = 11
 
@@ -183,3 +183,68 @@ def test_shape_mismatch_is_named():
         topk_reverse_kl(logits.gather(-1, top_ids), top_logp[..., :2], torch.ones(3, 5))
     with pytest.raises(ValueError, match="student_logsumexp has shape"):
         topk_forward_kl(logits.gather(-1, top_ids), torch.zeros(3), top_logp, torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("gap", [10.0, 14.0, 18.0, 25.0])
+def test_topk_forward_with_a_tiny_student_tail_keeps_its_gradient(gap):
+    """The student's top-k holds all but ~45 e^-gap of its mass (1e-3 .. 6e-10), the teacher's tail holds 1e-3: the tail
+    gradient pulls mass back to the tail. From the full logits (student_tail_log_mass) it matches a float64 reference;
+    1 - sum_k p_k in float32 would round the tail to the 1e-7 clamp and push the wrong way."""
+    vocab, k = 50, 5
+    logits = torch.zeros(2, 1, vocab)
+    logits[..., :k] = gap
+    logits[1, 0, k:] = torch.linspace(-3.0, 3.0, vocab - k)  # a second position, uneven tail
+    logits[1, 0, :k] += gap
+    logits.requires_grad_(True)
+    top_ids = torch.arange(k).expand(2, 1, k)
+    teacher = torch.full((2, 1, k), torch.tensor(0.999 / k).log().item())
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    ours = topk_forward_kl(logits.gather(-1, top_ids), torch.logsumexp(logits, -1), teacher, mask,
+                           teacher_topk_ids=top_ids, student_tail_logp=student_tail_log_mass(logits, top_ids))
+    (grad_ours,) = torch.autograd.grad(ours.sum(), logits)
+
+    # float64 reference: the tail bucket from the log-softmax outside the top-k, written out again.
+    z = logits.detach().double().requires_grad_(True)
+    logp = z - torch.logsumexp(z, -1, keepdim=True)
+    s, s_tail = logp[..., :k], torch.logsumexp(logp[..., k:], -1)
+    t = teacher.double()
+    t_tail = torch.log1p(-t.exp().sum(-1))
+    reference = (t.exp() * (t - s)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+    (grad_reference,) = torch.autograd.grad(reference.sum(), z)
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-6)
+    # on the top-k, float32 rounding of p_j - q_j (~2e-4) ; on the tail, each logit's own small gradient to 0.1%
+    torch.testing.assert_close(grad_ours[..., :k].double(), grad_reference[..., :k], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(grad_ours[..., k:].double(), grad_reference[..., k:], rtol=1e-3, atol=1e-12)
+    # the tail logits' total gradient is s_tail - t_tail < 0: it pulls mass back to the tail
+    tail_total = grad_ours[..., k:].sum(-1).double()
+    torch.testing.assert_close(tail_total, s_tail.detach().exp() - t_tail.exp(), rtol=1e-3, atol=1e-12)
+    assert (tail_total < -5e-4).all(), tail_total
+
+
+def test_student_tail_log_mass_against_float64_and_an_empty_tail():
+    torch.manual_seed(4)
+    logits = (3 * torch.randn(2, 3, VOCAB)).requires_grad_(True)
+    top_ids = torch.stack([torch.randperm(VOCAB)[:4] for _ in range(6)]).reshape(2, 3, 4)
+    ours = student_tail_log_mass(logits, top_ids)
+    probs = torch.softmax(logits.detach().double(), -1)
+    outside = torch.ones_like(probs, dtype=torch.bool).scatter(-1, top_ids, False)
+    torch.testing.assert_close(ours.detach().double(), torch.where(outside, probs, 0.0).sum(-1).log(), rtol=1e-5, atol=1e-6)
+    # K = V: nothing outside, -inf, and a zero gradient (not NaN) through it
+    everything = torch.arange(VOCAB).expand(2, 3, VOCAB)
+    empty = student_tail_log_mass(logits, everything)
+    assert torch.isneginf(empty).all()
+    (grad,) = torch.autograd.grad(torch.where(torch.isfinite(empty), empty, 0.0).sum(), logits)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_k_equal_to_vocabulary_with_the_exact_student_tail_is_the_full_forward_kl():
+    logits, teacher_logp, top_logp, top_ids = _setup(seed=2, k=VOCAB)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 3, dtype=torch.bool)
+    ours = topk_forward_kl(logits.gather(-1, top_ids), torch.logsumexp(logits, -1), top_logp, mask,
+                           teacher_topk_ids=top_ids, student_tail_logp=student_tail_log_mass(logits, top_ids))
+    student_logp = torch.log_softmax(logits.double(), -1)
+    full = (teacher_logp.double().exp() * (teacher_logp.double() - student_logp)).sum(-1) * mask
+    (grad_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (grad_full,) = torch.autograd.grad(full.sum(), logits)
+    torch.testing.assert_close(ours.double(), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_ours.double(), grad_full.double(), atol=1e-5, rtol=1e-5)

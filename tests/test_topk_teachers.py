@@ -90,6 +90,33 @@ def test_server_refuses_k_above_its_max_logprobs_naming_both(teacher_server):
         client.check_top_k(MAX_PROMPT_LOGPROBS + 1)
 
 
+def test_serve_teacher_max_logprobs_raises_the_cap(tiny_pair_dir, teacher_model, rows):
+    """`scope serve-teacher --max-logprobs N` (default 20, vLLM's): K up to N is served and equals the full logits."""
+    import argparse
+
+    from scope_opd.teachers.serve import configure_parser, start_server
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args(["--model", "m"]).max_logprobs == MAX_PROMPT_LOGPROBS
+    assert parser.parse_args(["--model", "m", "--max-logprobs", "30"]).max_logprobs == 30
+    with pytest.raises(ValueError, match="--max-logprobs must be an integer >= 0, got -2"):
+        start_server(tiny_pair_dir["teacher"], "127.0.0.1", 0, device="cpu", max_logprobs=-2)
+    server, thread = start_server(tiny_pair_dir["teacher"], "127.0.0.1", 0, dtype="float32", device="cpu", max_logprobs=30)
+    try:
+        client = ServerTeacher(server.url + "/v1", max_retries=0)
+        client.check_top_k(30)
+        with pytest.raises(TeacherServerError, match="teacher_top_k=31 is more than the server's max_logprobs 30"):
+            client.check_top_k(31)
+        prompts, completions = rows
+        assert_topk_matches(client.score_topk(prompts, completions, 25), full_logits_topk(teacher_model, prompts, completions, 25),
+                            atol=1e-4)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def reply(entries_per_position):
     """A vLLM completions answer for one token-id prompt, with the given prompt_logprobs entries after position 0."""
     entries = [None] + [{str(t): {"logprob": v, "rank": r, "decoded_token": "x"} for t, v, r in position}
@@ -121,6 +148,53 @@ def test_malformed_top_k_answers_are_a_clear_error(scripted, entries, reason):
         return
     with pytest.raises(TeacherServerError, match=rf"failed for rows \[0\].*{reason}"):
         client.score_topk([[5]], [[6]], 2)
+
+
+def raw_reply(entry: dict):
+    """A vLLM answer for prompt [5] and completion [6] whose one scored entry is ``entry`` as given (keys unchecked)."""
+    answer = reply([])
+    answer["choices"][0]["prompt_logprobs"] = [None, entry]
+    return answer
+
+
+def item(logprob, rank=None):
+    return {"logprob": logprob, "decoded_token": "x", **({} if rank is None else {"rank": rank})}
+
+
+@pytest.mark.parametrize("entry, reason", [
+    # K + 1 entries, but the scored token 6 is really the top-1: dropping it would lose the true top-1.
+    ({"6": item(-0.1, 3), "9": item(-0.5, 1), "3": item(-1.0, 2)}, "scored token 6's log-prob -0.1 is above the lowest"),
+    ({"6": item(-0.1), "9": item(-0.5), "3": item(-1.0)}, "scored token 6's log-prob -0.1 is above the lowest"),
+    # its log-prob is lowest but its rank says it is inside the top-2
+    ({"6": item(-2.0, 1), "9": item(-0.5, 2), "3": item(-1.0, 3)}, r"scored token 6 has rank 1 \(outside the top-2, below 2"),
+    ({"6": item(-2.0, 2), "9": item(-0.5, 1), "3": item(-1.0, 3)}, r"scored token 6 has rank 2 \(outside the top-2, below 2"),
+    # token ids in another spelling than str(id): '05' beside '5' would be the same id twice
+    ({"6": item(-0.7, 1), "05": item(-0.2, 1), "5": item(-0.9, 2)}, "token id '05', not written as '5'"),
+    ({"6": item(-0.7, 1), " 9": item(-0.9, 2)}, "token id ' 9', not written as '9'"),
+    ({"6": item(-0.7, 1), "+9": item(-0.9, 2)}, r"token id '\+9', not written as '9'"),
+    ({"6": item(-0.7, 1), "1_0": item(-0.9, 2)}, "token id '1_0', not written as '10'"),
+    ({"6": item(-0.7, 1), str(10**30): item(-0.9, 2)}, r"outside \[0, 2\*\*63\)"),
+])
+def test_a_top_k_entry_that_contradicts_itself_is_malformed(scripted, entry, reason):
+    server = scripted((200, raw_reply(entry)))
+    with pytest.raises(TeacherServerError, match=rf"failed for rows \[0\].*{reason}"):
+        ServerTeacher(server.url, max_retries=0).score_topk([[5]], [[6]], 2)
+
+
+@pytest.mark.parametrize("entry, top_ids, top_logprobs", [
+    # the scored token outside the top-2, tied with its lowest entry (allowed), with and without a rank
+    ({"6": item(-1.0, 3), "9": item(-0.5, 1), "3": item(-1.0, 2)}, [9, 3], [-0.5, -1.0]),
+    ({"6": item(-1.0), "9": item(-0.5), "3": item(-1.0)}, [9, 3], [-0.5, -1.0]),
+    # tied with the lowest entry, a rank counting only the tokens strictly above it (2) is consistent
+    ({"6": item(-1.0, 2), "9": item(-0.5, 1), "3": item(-1.0, 2)}, [9, 3], [-0.5, -1.0]),
+    # vLLM's -9999 (a masked token, -inf) as the scored token outside the top-2
+    ({"6": item(-9999.0, 7), "9": item(-0.5, 1), "3": item(-1.0, 2)}, [9, 3], [-0.5, -1.0]),
+])
+def test_a_scored_token_below_the_top_k_is_dropped(scripted, entry, top_ids, top_logprobs):
+    server = scripted((200, raw_reply(entry)))
+    (scores,) = ServerTeacher(server.url, max_retries=0).score_topk([[5]], [[6]], 2)
+    assert scores.top_ids.tolist() == [top_ids]
+    assert scores.top_logprobs.tolist() == [top_logprobs]
 
 
 def test_scope_step_with_a_top_k_loss_through_scope_serve_teacher(tmp_path, tiny_pair_dir, teacher_server):

@@ -135,6 +135,11 @@ def test_topk_loss_moves_the_student_differently_from_the_sampled_loss(tmp_path,
     (dict(opd_loss="topk_reverse", opd_advantage="old"), "opd_advantage='old'"),
     (dict(opd_loss="topk_reverse", teacher_overlap=True), "teacher_overlap=True"),
     (dict(opd_loss="topk_reverse", algorithm="grpo"), "algorithm='grpo'"),
+    # renormalised on one token the reverse KL is identically 0: nothing would train on the wrong rows
+    (dict(opd_loss="topk_reverse", teacher_top_k=1), "opd_loss='topk_reverse' with teacher_top_k=1"),
+    # SCOPE's loss has no entropy mask: TRL's option would be silently ignored
+    (dict(top_entropy_quantile=0.2), r"top_entropy_quantile=0.2 with algorithm='scope'"),
+    (dict(algorithm="opd", top_entropy_quantile=0.5), r"top_entropy_quantile=0.5 with algorithm='opd'"),
 ])
 def test_topk_options_refuse_what_they_cannot_mean(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -170,3 +175,82 @@ def test_scope_loss_refuses_to_clip_a_top_k_divergence():
     with pytest.raises(ValueError, match="no importance ratio to clip"):
         scope_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1), torch.ones(1), torch.ones(1),
                    opd_token_loss=torch.zeros(1, 2), clip_epsilon=0.2)
+
+
+class TopKCorrupted:
+    """An in-process teacher whose first scored row gets one non-finite top-k value (what a server can send:
+    NaN, or vLLM's -9999 read as -inf); its sampled-token log-probs stay finite."""
+
+    def __init__(self, model, value, repeat_id=False):
+        from scope_opd.teachers import InProcessTeacher
+
+        self.inner, self.value, self.repeat_id = InProcessTeacher(model, device="cpu"), value, repeat_id
+
+    def score(self, prompt_ids, completion_ids):
+        return self.inner.score(prompt_ids, completion_ids)
+
+    def score_topk(self, prompt_ids, completion_ids, k):
+        from scope_opd.teachers.in_process import TokenScores
+
+        scores = self.inner.score_topk(prompt_ids, completion_ids, k)
+        first = scores[0]
+        top_logprobs, top_ids = first.top_logprobs.clone(), first.top_ids.clone()
+        top_logprobs[0, -1] = self.value
+        if self.repeat_id:  # the last entry repeats the first one's id
+            top_ids[0, -1] = top_ids[0, 0]
+        scores[0] = TokenScores(first.logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+        return scores
+
+
+@pytest.mark.parametrize("opd_loss", ["topk_reverse", "topk_forward"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_non_finite_top_k_value_drops_its_row_and_counts_it(tmp_path, tiny_pair_dir, opd_loss, value):
+    """Like a NaN sampled log-prob: the row leaves the loss (scope/teacher_nonfinite_rows), the step goes on,
+    and the loss is the formula over the other rows."""
+    args = make_args(tmp_path, "scope", temperature=ROLLOUT_TEMPERATURE, teacher_top_k=TOP_K, opd_loss=opd_loss,
+                     learning_rate=0.0)
+    teacher = TopKCorrupted(AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]), value)
+    trainer = GradientRecorder(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                               train_dataset=dataset(), teacher=teacher,
+                               processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+    trainer.train()
+    assert trainer.state.log_history[0]["scope/teacher_nonfinite_rows"] == 1.0
+    (record,) = trainer.records
+    inputs = record["inputs"]
+    dropped = inputs["completion_mask"].bool().any(1) & ~inputs["scope_loss_mask"].bool().any(1)
+    assert dropped.sum() == 1  # the corrupted row, and only it
+    kept_wrong = inputs["scope_loss_mask"].bool().any(1) & ~inputs["scope_correct"].bool()
+    assert kept_wrong.any(), "the fixture should have wrong rows beside the dropped one"
+    assert torch.isfinite(inputs["teacher_topk_logps"]).all()
+    torch.testing.assert_close(record["loss"], record["expected"], rtol=1e-5, atol=1e-6)
+    for got, want in zip(record["grads"], record["expected_grads"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_forward_with_k_1_is_accepted(tmp_path):
+    """K = 1 keeps a meaning for topk_forward (the top-1 token and the tail bucket): only topk_reverse refuses it."""
+    assert make_args(tmp_path, "scope", opd_loss="topk_forward", teacher_top_k=1).teacher_top_k == 1
+
+
+def test_teacher_top_k_above_the_vocabulary_is_refused_naming_both(tmp_path, tiny_pair_dir):
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_pair_dir["student"]).config.get_text_config().vocab_size
+
+    def trainer(k):
+        args = make_args(tmp_path, "scope", teacher_model=tiny_pair_dir["teacher"], opd_loss="topk_forward", teacher_top_k=k)
+        return SCOPETrainer(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                            train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+
+    with pytest.raises(ValueError, match=rf"teacher_top_k={vocab + 1} is more than the student's vocabulary of {vocab}"):
+        trainer(vocab + 1)
+    assert trainer(vocab).args.teacher_top_k == vocab  # K = V is allowed: the full-vocabulary KL
+
+
+def test_a_repeated_top_k_id_from_the_teacher_fails_at_scoring_naming_the_row(tmp_path, tiny_pair_dir):
+    """One token's mass counted twice is a broken teacher, not a tie: the step fails where the teacher answered."""
+    args = make_args(tmp_path, "scope", teacher_top_k=TOP_K, opd_loss="topk_forward")
+    teacher = TopKCorrupted(AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]), -5.0, repeat_id=True)
+    trainer = SCOPETrainer(load_student(tiny_pair_dir["student"]), reward_funcs=[has_digit_reward], args=args,
+                           train_dataset=dataset(), teacher=teacher,
+                           processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["student"]))
+    with pytest.raises(RuntimeError, match=r"teacher's top-k ids for row \d+ repeat a token id at one position"):
+        trainer.train()

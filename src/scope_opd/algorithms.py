@@ -28,6 +28,7 @@ Edge-case decisions the paper leaves open (also listed in the README):
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -631,6 +632,22 @@ def topk_reverse_kl(
     return torch.where(mask, per_token, 0.0)
 
 
+def student_tail_log_mass(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` log of the student's probability outside ``topk_ids``, from its full logits ``[B, T, V]``.
+
+    ``logsumexp(logits outside the top-k) - logsumexp(logits)``, in log space and unclamped, so a tail
+    of 1e-12 keeps its value and its gradient (``1 - sum_k p_k`` would round it to 0 in float32). A
+    position whose top-k lists every token (``K = V``) has an empty tail: ``-inf``, with a zero (never
+    NaN) gradient. Costs one ``[B, T, V]`` copy of the logits (the top-k set to ``-inf``).
+    """
+    logits = logits.float()
+    outside = logits.scatter(-1, topk_ids, -math.inf)
+    empty = torch.isneginf(outside).all(dim=-1)
+    # logsumexp's backward over an all -inf row is NaN: compute it on zeros there, then put -inf back.
+    tail = torch.logsumexp(torch.where(empty[..., None], 0.0, outside), dim=-1)
+    return torch.where(empty, -math.inf, tail) - torch.logsumexp(logits, dim=-1)
+
+
 def _log_tail_mass(topk_logp: torch.Tensor) -> torch.Tensor:
     """``log(1 - sum_k exp(topk_logp))`` over the last dim, the top-k mass clamped below 1 (TRL's form)."""
     log_mass = torch.logsumexp(topk_logp, dim=-1).clamp(max=_TAIL_LOG_MASS_MAX)
@@ -644,6 +661,7 @@ def topk_forward_kl(
     mask: torch.Tensor,
     *,
     teacher_topk_ids: torch.Tensor | None = None,
+    student_tail_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token forward KL over the teacher's top-k plus a tail bucket (``opd_loss="topk_forward"``).
 
@@ -656,9 +674,13 @@ def topk_forward_kl(
         loss = sum_{k in S} exp(t_k) (t_k - s_k) + t_tail (log t_tail - log s_tail)
 
     a true KL between two distributions over ``K + 1`` buckets: >= 0, and 0 only when the student
-    matches the teacher on ``S`` and on the tail's total. Each tail mass is clamped to at least
-    ``~1e-7`` (TRL's clamp of the top-k log-mass at ``-1e-7``) so its log stays finite; when a side
-    is clamped its tail carries no gradient.
+    matches the teacher on ``S`` and on the tail's total. The teacher's tail mass is clamped to at
+    least ``~1e-7`` (TRL's clamp of the top-k log-mass at ``-1e-7``) so its log stays finite. The
+    student's tail is ``student_tail_logp`` when given (:func:`student_tail_log_mass` of the full
+    logits: exact in log space, unclamped, so a student tail of 1e-9 still gets its gradient);
+    without it, it is derived from the top-k like the teacher's and clamped the same way, and a
+    clamped student tail carries no gradient. Where the student's tail is empty (``-inf``: ``K = V``,
+    or every other logit ``-inf``) the student can put no mass there and the tail term is 0.
 
     Gradient with respect to the student's logits (teacher detached, tails not clamped):
     ``p_j - exp(t_j)`` for ``j`` in ``S`` and ``p_j (1 - t_tail / s_tail)`` outside ``S``, i.e.
@@ -666,9 +688,9 @@ def topk_forward_kl(
     ``S`` in proportion to the student's own tail. It reaches the tokens outside ``S`` only through
     ``student_logsumexp``, which must therefore carry the gradient of the full logits (e.g.
     ``torch.logsumexp(logits, -1)``, or a chunked/fused logsumexp with its backward). When ``S`` is the
-    whole vocabulary (``K = V``) both tails are clamped to the same ``1e-7``, contribute 0 with 0
-    gradient, and value and gradient are those of the full-vocabulary forward KL
-    ``KL(pi_T || pi_theta)``, gradient ``softmax(z) - pi_T``.
+    whole vocabulary (``K = V``) the tail term is 0 with 0 gradient (an empty student tail; without
+    ``student_tail_logp`` both tails clamp to the same ``1e-7``), and value and gradient are those of
+    the full-vocabulary forward KL ``KL(pi_T || pi_theta)``, gradient ``softmax(z) - pi_T``.
 
     Args:
         student_topk_logits: ``[B, T, K]`` student logits at the teacher's top-k ids, requires grad.
@@ -679,6 +701,9 @@ def topk_forward_kl(
             the full vocabulary: their probabilities add up to at most 1); detached internally.
         mask: ``[B, T]`` bool or 0/1: the positions that carry a loss.
         teacher_topk_ids: optional ``[B, T, K]`` ids, only checked for repeats.
+        student_tail_logp: optional ``[B, T]`` log of the student's probability outside ``S``
+            (:func:`student_tail_log_mass`), with gradient; ``-inf`` for an empty tail. What the
+            trainer passes; without it the student's tail comes from ``1 - sum_S p`` (clamped).
 
     Returns:
         ``[B, T]`` float32 per-token loss, exactly 0 at masked-out positions.
@@ -702,10 +727,24 @@ def topk_forward_kl(
     # harmless -1 (mass e^-1 < 1) before the tail, the result is zeroed below anyway.
     student_logp = torch.where(keep, student_logp, -1.0)
     teacher_logp = torch.where(keep, teacher_logp, -1.0)
-    student_tail = _log_tail_mass(student_logp)
     teacher_tail = _log_tail_mass(teacher_logp)
     on_topk = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
-    per_token = on_topk + teacher_tail.exp() * (teacher_tail - student_tail)
+    if student_tail_logp is None:
+        student_tail = _log_tail_mass(student_logp)
+        tail_term = teacher_tail.exp() * (teacher_tail - student_tail)
+    else:
+        if tuple(student_tail_logp.shape) != tuple(mask.shape):
+            raise ValueError(f"student_tail_logp has shape {tuple(student_tail_logp.shape)}, expected [B, T] "
+                             f"{tuple(mask.shape)}")
+        student_tail = student_tail_logp.float()
+        bad = mask & (torch.isnan(student_tail) | (student_tail > _TOPK_LOG_MASS_TOLERANCE))
+        if bad.any():
+            raise ValueError(f"student_tail_logp is NaN or above 0 on masked tokens of rows {_row_list(bad.any(dim=1))}")
+        # An empty student tail (-inf) takes no mass: its term is 0 (never 0 * inf, never a NaN gradient).
+        has_tail = mask & torch.isfinite(student_tail)
+        student_tail = torch.where(has_tail, student_tail, 0.0)
+        tail_term = torch.where(has_tail, teacher_tail.exp() * (teacher_tail - student_tail), 0.0)
+    per_token = on_topk + tail_term
     return torch.where(mask, per_token, 0.0)
 
 
@@ -717,18 +756,20 @@ def topk_opd_token_loss(
     mask: torch.Tensor,
     *,
     teacher_topk_ids: torch.Tensor | None = None,
+    student_tail_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``[B, T]`` per-token OPD loss of ``opd_loss`` (``"topk_reverse"`` or ``"topk_forward"``).
 
-    What the trainer passes to :func:`scope_loss` as ``opd_token_loss``. ``student_logsumexp`` is only
-    read by ``"topk_forward"`` (its tail bucket); the renormalised reverse KL does not need it.
+    What the trainer passes to :func:`scope_loss` as ``opd_token_loss``. ``student_logsumexp`` and
+    ``student_tail_logp`` are only read by ``"topk_forward"`` (its tail bucket); the renormalised
+    reverse KL does not need them.
     """
     if opd_loss == "topk_reverse":
         return topk_reverse_kl(student_topk_logits, teacher_topk_logp, mask, teacher_topk_ids=teacher_topk_ids)
     if opd_loss == "topk_forward":
         return topk_forward_kl(student_topk_logits, student_logsumexp, teacher_topk_logp, mask,
-                               teacher_topk_ids=teacher_topk_ids)
+                               teacher_topk_ids=teacher_topk_ids, student_tail_logp=student_tail_logp)
     raise ValueError(f"opd_loss must be one of {OPD_LOSSES[1:]} for a top-k loss, got {opd_loss!r}")
 
 
-__all__ += ["OPD_LOSSES", "topk_reverse_kl", "topk_forward_kl", "topk_opd_token_loss"]
+__all__ += ["OPD_LOSSES", "topk_reverse_kl", "topk_forward_kl", "topk_opd_token_loss", "student_tail_log_mass"]

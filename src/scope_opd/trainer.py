@@ -39,6 +39,7 @@ from .algorithms import (
     TEACHER_WEIGHTINGS,
     loss_denominators,
     scope_loss,
+    student_tail_log_mass,
     topk_opd_token_loss,
 )
 from .batch import needs_student_logp, path_weights, row_statistics, teacher_rows, verdicts, weight_metrics
@@ -153,7 +154,7 @@ class SCOPEConfig(GRPOConfig):
         },
     )
     teacher_top_k: int = field(
-        default=20, metadata={"help": "Teacher tokens per position for opd_loss='topk_*' (K; capped by the vocabulary)."}
+        default=20, metadata={"help": "Teacher tokens per position for opd_loss='topk_*' (K; at most the vocabulary size, and >= 2 for topk_reverse)."}
     )
     # ---- end top-k OPD losses
     # Teacher
@@ -383,12 +384,22 @@ class SCOPEConfig(GRPOConfig):
 
     def _check_opd_loss(self):
         """``opd_loss`` / ``teacher_top_k``: known values, and the top-k options only with what they can mean."""
+        if self.algorithm in ("scope", "opd") and self.top_entropy_quantile != 1.0:
+            # TRL's GRPO loss masks low-entropy tokens with it; SCOPE's loss (scope_loss) has no such mask.
+            raise ValueError(f"top_entropy_quantile={self.top_entropy_quantile!r} with algorithm={self.algorithm!r}: "
+                             "SCOPE's loss trains on every response token and has no entropy mask, so the value "
+                             "would be ignored; leave top_entropy_quantile at 1.0")
         if self.opd_loss not in OPD_LOSSES:
             raise ValueError(f"opd_loss must be one of {OPD_LOSSES}, got {self.opd_loss!r}")
         if isinstance(self.teacher_top_k, bool) or not isinstance(self.teacher_top_k, int) or self.teacher_top_k < 1:
             raise ValueError(f"teacher_top_k must be an integer >= 1, got {self.teacher_top_k!r}")
         if self.opd_loss == "sampled":
             return
+        if self.opd_loss == "topk_reverse" and self.teacher_top_k == 1:
+            # Renormalised on one token, both sides are probability 1: the divergence is identically 0.
+            raise ValueError("opd_loss='topk_reverse' with teacher_top_k=1: renormalised on a single token both "
+                             "distributions are 1, so the loss is 0 and trains nothing on the wrong rows; use "
+                             "teacher_top_k >= 2, or opd_loss='topk_forward' (its tail bucket keeps K = 1 meaningful)")
         if self.algorithm not in ("scope", "opd"):
             raise ValueError(f"opd_loss={self.opd_loss!r} is an option of the scope/opd teacher path; "
                              f"algorithm={self.algorithm!r} has none (leave opd_loss='sampled')")
@@ -977,6 +988,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         if not callable(getattr(self.teacher, "score_topk", None)):
             raise ValueError(f"opd_loss={self.args.opd_loss!r} needs a teacher with score_topk(prompt_ids, "
                              f"completion_ids, k); {type(self.teacher).__name__} has none")
+        vocab = self.model.config.get_text_config().vocab_size
+        if self.args.teacher_top_k > vocab:
+            raise ValueError(f"teacher_top_k={self.args.teacher_top_k} is more than the student's vocabulary of {vocab} "
+                             f"tokens; set teacher_top_k to {vocab} or less ({vocab} is the full-vocabulary KL)")
         check = getattr(self.teacher, "check_top_k", None)
         if callable(check):  # a server: its --max-logprobs must allow teacher_top_k (fails now, naming both)
             check(self.args.teacher_top_k)
@@ -1023,13 +1038,25 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             if n and not (0 <= int(values.top_ids.min()) and int(values.top_ids.max()) < vocab):
                 raise RuntimeError(f"teacher's top-k ids for row {i} fall outside the student's vocabulary [0, {vocab})")
             teacher_logps[i, :n] = values.logprobs.to(device, torch.float32)
+            top_logprobs = values.top_logprobs.to(device, torch.float32)
+            if not torch.isfinite(top_logprobs).all():
+                # A NaN, or a -inf (vLLM's -9999: the teacher gives fewer than K tokens any probability), in the
+                # top-k has no usable divergence (0 * inf, or an infinite reverse KL): the row is a non-finite
+                # teacher row, dropped and counted in scope/teacher_nonfinite_rows like a NaN sampled log-prob.
+                teacher_logps[i, :n] = float("nan")
+                continue
+            if n and width > 1 and (values.top_ids.sort(dim=-1).values.diff(dim=-1) == 0).any():
+                raise RuntimeError(f"teacher's top-k ids for row {i} repeat a token id at one position (a token's mass "
+                                   "counted twice): the teacher's answer is malformed")
             topk_ids[i, :n] = values.top_ids.to(device, torch.long)
-            topk_logps[i, :n] = values.top_logprobs.to(device, torch.float32)
+            topk_logps[i, :n] = top_logprobs
         return teacher_logps, {"teacher_topk_ids": topk_ids, "teacher_topk_logps": topk_logps}
 
-    def _student_topk_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _student_topk_forward(self, model, inputs) -> tuple[torch.Tensor, ...]:
         """The loss forward for the top-k losses: ``(per_token_logps [B, T], entropies [B, T],
-        student_topk_logits [B, T, K], student_logsumexp [B, T])``, all with gradient.
+        student_topk_logits [B, T, K], student_logsumexp [B, T], student_tail_logp [B, T] or None)``, all with
+        gradient; ``student_tail_logp`` (``topk_forward`` only) is the log of the student's probability outside the
+        teacher's top-k, from the full logits (:func:`~scope_opd.algorithms.student_tail_log_mass`: exact however small).
 
         TRL's fused head returns only the sampled token's log-prob; the top-k losses need the student's
         logits at the teacher's top-k ids and (``topk_forward``) the full logsumexp. So the model's own forward
@@ -1051,10 +1078,13 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         logsumexp = torch.logsumexp(logits, dim=-1)
         per_token_logps = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logsumexp
         topk_logits = logits.gather(-1, inputs["teacher_topk_ids"])
+        tail_logp = None
+        if self.args.opd_loss == "topk_forward":
+            tail_logp = student_tail_log_mass(logits, inputs["teacher_topk_ids"])
         with torch.no_grad():
             probs = torch.softmax(logits, dim=-1)
             entropies = logsumexp - (probs * logits).sum(dim=-1)
-        return per_token_logps, entropies, topk_logits, logsumexp
+        return per_token_logps, entropies, topk_logits, logsumexp, tail_logp
 
     def _topk_token_loss(self, inputs: dict, student_topk) -> torch.Tensor | None:
         """``[B, T]`` top-k divergence on the incorrect rows' tokens (None for ``opd_loss='sampled'``)."""
@@ -1062,11 +1092,11 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
             return None
         if student_topk is None:
             raise ValueError(f"opd_loss={self.args.opd_loss!r} needs the student's logits at the teacher's top-k ids "
-                             "(scope_loss_from_inputs(..., student_topk=(topk_logits, logsumexp)))")
-        topk_logits, logsumexp = student_topk
+                             "(scope_loss_from_inputs(..., student_topk=(topk_logits, logsumexp, tail_logp)))")
+        topk_logits, logsumexp, tail_logp = (*student_topk, None)[:3]
         incorrect = inputs["scope_loss_mask"].bool() & ~inputs["scope_correct"].bool()[:, None]
         return topk_opd_token_loss(self.args.opd_loss, topk_logits, logsumexp, inputs["teacher_topk_logps"], incorrect,
-                                   teacher_topk_ids=inputs["teacher_topk_ids"])
+                                   teacher_topk_ids=inputs["teacher_topk_ids"], student_tail_logp=tail_logp)
 
     # ---- end top-k OPD losses
 
@@ -1186,7 +1216,7 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         return loss
 
     def scope_loss_from_inputs(self, per_token_logps: torch.Tensor, inputs: dict, mode: str = "train", *,
-                               student_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
+                               student_topk: tuple[torch.Tensor, ...] | None = None):
         """The exact call the trainer optimises: :func:`scope_loss` on one micro-batch.
 
         The denominators are the whole generation batch's per-path counts across processes
@@ -1196,8 +1226,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         processes so that DDP's gradient average leaves the sum over processes: an optimiser step then
         sees exactly the token sum of what it trains on.
 
-        With a top-k ``opd_loss``, ``student_topk`` is ``(student_topk_logits [B, T, K], student_logsumexp [B, T])``
-        at the teacher's top-k ids (``_student_topk_forward``), and the OPD path's token loss is
+        With a top-k ``opd_loss``, ``student_topk`` is ``(student_topk_logits [B, T, K], student_logsumexp [B, T],
+        student_tail_logp [B, T] or None)`` at the teacher's top-k ids (``_student_topk_forward``), and the OPD path's token loss is
         :func:`~scope_opd.algorithms.topk_opd_token_loss` on the incorrect rows.
         """
         args = self.args

@@ -18,7 +18,7 @@ import signal
 import threading
 
 from .in_process import InProcessTeacher, load_teacher_model
-from .serve_api import NAN_MESSAGE, TeacherService
+from .serve_api import MAX_PROMPT_LOGPROBS, NAN_MESSAGE, TeacherService
 from .serve_http import SMALL_BODY_BYTES, RequestError, ServerLimits, TeacherHTTPServer
 
 __all__ = ["NAN_MESSAGE", "RequestError", "ServerLimits", "TeacherHTTPServer", "TeacherService", "configure_parser",
@@ -52,8 +52,11 @@ def build_server(
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
     limits: ServerLimits | None = None,
+    max_logprobs: int = MAX_PROMPT_LOGPROBS,
 ) -> TeacherHTTPServer:
     """Load the teacher (and its tokenizer, if the checkpoint has one) and bind the server; not yet serving."""
+    if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
+        raise ValueError(f"--max-logprobs must be an integer >= 0, got {max_logprobs!r}")
     api_key = _api_key_from_env(api_key_env)
     model = load_teacher_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     try:
@@ -74,7 +77,7 @@ def build_server(
     teacher = InProcessTeacher(model, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
     service = TeacherService(
         teacher, model_name=served_model_name or model_path, tokenizer=tokenizer, max_model_len=max_model_len,
-        limits=limits, eos_token_ids=eos_token_ids,
+        limits=limits, eos_token_ids=eos_token_ids, max_logprobs=max_logprobs,
     )
     try:
         return TeacherHTTPServer((host, port), service, api_key=api_key)
@@ -113,6 +116,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None,
         help="context length in tokens, as vLLM's (default: the model's max_position_embeddings)",
     )
+    parser.add_argument("--max-logprobs", type=int, default=MAX_PROMPT_LOGPROBS,
+                        help=f"largest prompt_logprobs a request may ask for, like vLLM's --max-logprobs (default "
+                             f"{MAX_PROMPT_LOGPROBS}); opd_loss='topk_*' needs teacher_top_k <= this")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoint")
     limits = parser.add_argument_group("limits against hostile or runaway clients")
     limits.add_argument("--max-connections", type=int, default=defaults.max_connections,
@@ -160,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             trust_remote_code=args.trust_remote_code,
             limits=_limits_from_args(args),
+            max_logprobs=args.max_logprobs,
         )
     except (ValueError, OSError) as exc:
         print(f"scope serve-teacher: {exc}", flush=True)

@@ -182,12 +182,18 @@ class TeacherService:
         max_model_len: longest context in tokens; ``None`` for no limit.
         limits: the per-request caps of :class:`ServerLimits`.
         eos_token_ids: tokens that end a generation (``finish_reason`` "stop").
+        max_logprobs: the largest ``prompt_logprobs`` a request may ask for (vLLM's ``--max-logprobs``,
+            default 20); more is refused with vLLM's message.
     """
 
     def __init__(
         self, teacher: InProcessTeacher, *, model_name: str, tokenizer=None, max_model_len: int | None = None,
         limits: ServerLimits | None = None, eos_token_ids: set[int] | None = None,
+        max_logprobs: int = MAX_PROMPT_LOGPROBS,
     ) -> None:
+        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {max_logprobs!r}")
+        self.max_logprobs = max_logprobs
         self.teacher = teacher
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -297,14 +303,14 @@ class TeacherService:
                 raise RequestError(400, "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
             if top_k < 0 and top_k != -1:
                 raise RequestError(400, "`prompt_logprobs` must be a positive value or -1.", param="prompt_logprobs")
-            if top_k == -1 or top_k > MAX_PROMPT_LOGPROBS:
+            if top_k == -1 or top_k > self.max_logprobs:
                 # vLLM reads -1 as the vocabulary size before comparing with --max-logprobs.
                 requested = self.teacher.vocab_size if top_k == -1 else top_k
                 hint = " (`prompt_logprobs` -1 asks for the full vocabulary)" if top_k == -1 else ""
                 raise RequestError(
                     400,
                     f"Requested prompt logprobs of {requested}, which is greater than max allowed: "
-                    f"{MAX_PROMPT_LOGPROBS}{hint}",
+                    f"{self.max_logprobs}{hint}",
                     param="prompt_logprobs",
                 )
         prompts, prompt_texts = self._prompts(request)

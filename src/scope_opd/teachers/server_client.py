@@ -626,9 +626,36 @@ def _logprob_value(item, where: str, row: int):
     return -math.inf if value == VLLM_NEG_INF_LOGPROB else float(value)
 
 
+def _token_id(key, where: str) -> int:
+    """A ``prompt_logprobs`` key as a token id: only the canonical decimal spelling ``str(id)`` of an id in ``[0, 2**63)``.
+
+    ``int()`` alone would read ``'05'``, ``' 9'``, ``'+9'`` or ``'1_0'`` as ids too, so one id could
+    appear twice in an entry (or the scored token's value differ from its top-k entry) unnoticed.
+    """
+    try:
+        token_id = int(key)
+    except (TypeError, ValueError):
+        raise _MalformedResponse(f"{where} has a non-integer token id {key!r}") from None
+    if not 0 <= token_id < 2**63:
+        raise _MalformedResponse(f"{where} has token id {token_id}, outside [0, 2**63)")
+    if key != str(token_id):
+        raise _MalformedResponse(f"{where} has token id {key!r}, not written as {str(token_id)!r} (vLLM's spelling)")
+    return token_id
+
+
 def _top_k_entries(entry: dict, token: int, top_k: int, where: str, row: int) -> list[tuple[float, int]]:
     """The top-``k`` ``(log-prob, id)`` of one ``prompt_logprobs`` entry: ``k`` entries (the scored token among
-    them) or ``k + 1`` (the scored token outside the top-``k``: dropped), sorted by log-prob, then id."""
+    them) or ``k + 1`` (the scored token outside the top-``k``: dropped), sorted by log-prob, then id.
+
+    With ``k + 1`` entries the scored token must really be outside the top-``k``: its log-prob at most the
+    smallest of the others (a tie is allowed) and its ``rank``, when sent, above the number of entries
+    with a higher log-prob (``k`` unless it ties); else the
+    answer is malformed (dropping it would lose the true top-1). Every key is a canonical id, none twice.
+    """
+    ids = {key: _token_id(key, where) for key in entry}
+    if len(set(ids.values())) != len(ids):
+        repeated = sorted({i for i in ids.values() if list(ids.values()).count(i) > 1})
+        raise _MalformedResponse(f"{where} lists token id(s) {repeated} more than once")
     if len(entry) == top_k + 1:
         others = {key: item for key, item in entry.items() if key != str(token)}
         if len(others) != top_k:
@@ -638,15 +665,27 @@ def _top_k_entries(entry: dict, token: int, top_k: int, where: str, row: int) ->
     else:
         raise _MalformedResponse(f"{where} has {len(entry)} entries for prompt_logprobs {top_k} (expected {top_k} "
                                  f"or {top_k + 1})")
-    out = []
-    for key, item in others.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise _MalformedResponse(f"{where} has a non-integer token id {key!r}") from None
-        if token_id < 0:
-            raise _MalformedResponse(f"{where} has a negative token id {token_id}")
-        out.append((_logprob_value(item, where, row), token_id))
+    out = [(_logprob_value(item, where, row), ids[key]) for key, item in others.items()]
+    if len(others) != len(entry):  # the scored token is the extra entry: it must rank below the top-k
+        scored = entry[str(token)]
+        scored_value = _logprob_value(scored, where, row)
+        values = [value for value, _ in out]
+        lowest = min(values)
+        # A NaN has no order: it is passed on (the row is then non-finite, and the trainer drops it).
+        if not any(map(math.isnan, values + [scored_value])) and scored_value > lowest:
+            raise _MalformedResponse(
+                f"{where} has {top_k + 1} entries for prompt_logprobs {top_k}, but the scored token {token}'s log-prob "
+                f"{scored_value!r} is above the lowest of the other {top_k} ({lowest!r}): it belongs in the top-{top_k}"
+            )
+        rank = scored.get("rank") if isinstance(scored, dict) else None
+        # Outside the top-k, its rank is above k; tied with the lowest entries it may count only the tokens
+        # strictly above it (a tie-aware rank), so the bound is the number of entries above its log-prob.
+        above = sum(value > scored_value for value in values)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= above):
+            raise _MalformedResponse(
+                f"{where} has {top_k + 1} entries for prompt_logprobs {top_k}, but the scored token {token} has rank "
+                f"{rank!r} (outside the top-{top_k}, below {above} higher entries, means rank > {above})"
+            )
     out.sort(key=lambda pair: (-pair[0] if not math.isnan(pair[0]) else math.inf, pair[1]))
     return out
 
