@@ -7,6 +7,7 @@ not root), so it cannot exhaust this machine's process table.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -36,8 +37,27 @@ def stdio_gold(expected_output: str) -> dict:
     return {"inputs": ["\n"], "outputs": [expected_output]}
 
 
+def _uid_lease_is_held(uid: int) -> bool:
+    """Whether a run still holds ``uid`` (its flock'd lease file): a run of another process, such as the other
+    pytest-xdist worker or another test session on this host, whose processes are not left behind but running."""
+    from scope_opd.verifiers._sandbox_host import _state_dir
+
+    try:
+        fd = os.open(_state_dir() / "uids" / str(uid - sandbox._RANDOM_UID_BASE), os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the fd below: runs pick free slots
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _sandbox_uid_processes(wait_s: float = 5.0) -> list[int]:
-    """Live processes under the sandbox's throw-away uids (root only), once none are left or after ``wait_s``."""
+    """Live processes left under the sandbox's throw-away uids by runs that have ended (root only), once none are
+    left or after ``wait_s``. A uid whose lease a run still holds is that run's, not a leftover."""
     deadline = time.monotonic() + wait_s
     while True:
         pids = []
@@ -47,7 +67,8 @@ def _sandbox_uid_processes(wait_s: float = 5.0) -> list[int]:
             except OSError:  # exited while we looked
                 continue
             real_uid = int(fields["Uid"].split()[0])
-            if real_uid >= sandbox._RANDOM_UID_BASE and not fields["State"].strip().startswith("Z"):
+            if (real_uid >= sandbox._RANDOM_UID_BASE and not fields["State"].strip().startswith("Z")
+                    and not _uid_lease_is_held(real_uid)):
                 pids.append(int(status.parent.name))
         if not pids or time.monotonic() > deadline:
             return pids
