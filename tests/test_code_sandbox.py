@@ -502,15 +502,19 @@ def test_code_reward_function_scores_a_mixed_batch_without_verifier_timeouts():
 
 # ---------------------------------------------------------------- the verifier's own memory
 
+# VmHWM, this process's own peak (KiB): ru_maxrss would start at the peak of the pytest process that started it
+# (Linux carries it over the exec), which hides any growth below it once a worker has run the real-model tests.
 _PEAK_OF_SCORING = """
-import resource, sys
+import sys
 from scope_opd.verifiers import SandboxLimits, code_score
+def peak_kib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 limits = SandboxLimits(wall_time_s=20, time_per_test_s=15, cpu_time_s=20, max_file_mb=64, output_budget_mb=64)
 assert code_score("print(1)", {"inputs": ["\\n"], "outputs": ["1\\n"]}, limits=limits) == 1.0  # the probe, warm
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 program = "import sys\\nsys.stdout.write('10\\\\n' * (20 * 2 ** 20 // 3))\\n"  # 20 MiB, 7 million short lines
 score = code_score(program, {"inputs": ["\\n"], "outputs": ["10\\n10\\n"]}, limits=limits)
-print(score, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+print(score, (peak_kib() - before) // 1024)
 """
 
 
