@@ -7,4 +7,6 @@ VENV="$("$REPO/scripts/verl_venv.sh")"
 cd "$REPO"
 # test_trainer.py starts a small local Ray (4 logical CPUs) for a real TransferQueue; no GPU, no network.
 export VERL_LOGGING_LEVEL="${VERL_LOGGING_LEVEL:-WARNING}"
-exec "$VENV/bin/python" -m pytest tests/verl_tier -q -p no:cacheprovider "$@"
+# One process (-o addopts): pyproject's addopts run the main suite on two pytest-xdist workers, but here
+# test_trainer.py's local Ray takes the cores, and a verl venv built before xdist joined the test extra lacks it.
+exec "$VENV/bin/python" -m pytest tests/verl_tier -q -p no:cacheprovider -o addopts=-ra "$@"

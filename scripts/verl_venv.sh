@@ -5,7 +5,8 @@
 # system python, so they get their own venv outside the checkout, cached at
 # ${SCOPE_CACHE:-$HOME/.cache/scope-opd}/venv-verl. The `.complete` marker is
 # written last and holds the pin set: an interrupted build, or a change of pins,
-# is rebuilt from scratch instead of being half-reused.
+# is rebuilt from scratch instead of being half-reused. A lock file serialises concurrent callers (two test
+# runs starting at once build it, or re-point it, only once at a time).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,9 @@ install_this_checkout() {
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PINS[0]}" -e "${REPO}[verl,test]" >&2
 }
 
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 if [[ -f "$VENV/.complete" && "$(cat "$VENV/.complete")" == "$STAMP" ]]; then
   where="$("$VENV/bin/python" -c 'import scope_opd, os; print(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(scope_opd.__file__)))))' 2>/dev/null || true)"
   if [[ "$where" != "$REPO" ]]; then

@@ -18,6 +18,35 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+# Test modules that change how the code sandbox isolates (a fallback that shares the host's /tmp and /dev/shm) and
+# then assert that nothing any sandbox uid owns is left there: under pytest-xdist they share one worker, so the
+# other worker's sandbox runs never land in what they inspect.
+SANDBOX_HOST_STATE_MODULES = ("tests/test_code_sandbox.py", "tests/test_sandbox_leaks.py")
+_SHARED_SCOPES = ("class", "module", "package", "session")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, keep the tests that share one module's fixture on one worker.
+
+    A module-, class- or session-scoped fixture defined in a test module (two vLLM servers, a SmolLM2 checkpoint,
+    a finished training run, a teacher server) is set up once per worker that runs a test needing it; grouping
+    those tests by module sets it up once in all. The module's other tests, and every module without such a
+    fixture, go to whichever worker is free.
+    """
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        module_id = item.nodeid.split("::", 1)[0]
+        if module_id in SANDBOX_HOST_STATE_MODULES:
+            item.add_marker(pytest.mark.xdist_group("sandbox-host-state"))
+            continue
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = (d for ds in (fixtures.name2fixturedefs.values() if fixtures else ()) for d in ds)
+        if any(d.scope in _SHARED_SCOPES and d.baseid == module_id for d in defs):
+            item.add_marker(pytest.mark.xdist_group(module_id))
+
+
 def build_tiny_qwen2(tokenizer, *, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=0):
     """A randomly initialised Qwen2ForCausalLM sized for unit tests."""
     import torch

@@ -93,3 +93,13 @@ def sandbox_runners(default_limits):
         return result.tests[0].stdout
 
     return run, stdout_of
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the kernel's pick), for a process that must be told its port (torchrun's
+    --master_port): unlike a number derived from the pid, it cannot collide with another test process's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
 from stand_in_vllm import start_server
 
 TESTS = Path(__file__).parent
@@ -39,7 +40,7 @@ def test_chunks_through_trls_server_mode_pair_every_row_with_its_own_prompt(tmp_
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS / "dist_scripts"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(29500 + (os.getpid() + 317) % 1000),
+         "--master_port", str(free_port()),
          str(SCRIPT), tiny_pair_dir["student"], stand_in_server.url, str(tmp_path), *cases],
         env=env, capture_output=True, text=True, timeout=600,
     )

@@ -7,6 +7,7 @@ not root), so it cannot exhaust this machine's process table.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -36,8 +37,27 @@ def stdio_gold(expected_output: str) -> dict:
     return {"inputs": ["\n"], "outputs": [expected_output]}
 
 
+def _uid_lease_is_held(uid: int) -> bool:
+    """Whether a run still holds ``uid`` (its flock'd lease file): a run of another process, such as the other
+    pytest-xdist worker or another test session on this host, whose processes are not left behind but running."""
+    from scope_opd.verifiers._sandbox_host import _state_dir
+
+    try:
+        fd = os.open(_state_dir() / "uids" / str(uid - sandbox._RANDOM_UID_BASE), os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the fd below: runs pick free slots
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _sandbox_uid_processes(wait_s: float = 5.0) -> list[int]:
-    """Live processes under the sandbox's throw-away uids (root only), once none are left or after ``wait_s``."""
+    """Live processes left under the sandbox's throw-away uids by runs that have ended (root only), once none are
+    left or after ``wait_s``. A uid whose lease a run still holds is that run's, not a leftover."""
     deadline = time.monotonic() + wait_s
     while True:
         pids = []
@@ -47,7 +67,8 @@ def _sandbox_uid_processes(wait_s: float = 5.0) -> list[int]:
             except OSError:  # exited while we looked
                 continue
             real_uid = int(fields["Uid"].split()[0])
-            if real_uid >= sandbox._RANDOM_UID_BASE and not fields["State"].strip().startswith("Z"):
+            if (real_uid >= sandbox._RANDOM_UID_BASE and not fields["State"].strip().startswith("Z")
+                    and not _uid_lease_is_held(real_uid)):
                 pids.append(int(status.parent.name))
         if not pids or time.monotonic() > deadline:
             return pids
@@ -481,15 +502,19 @@ def test_code_reward_function_scores_a_mixed_batch_without_verifier_timeouts():
 
 # ---------------------------------------------------------------- the verifier's own memory
 
+# VmHWM, this process's own peak (KiB): ru_maxrss would start at the peak of the pytest process that started it
+# (Linux carries it over the exec), which hides any growth below it once a worker has run the real-model tests.
 _PEAK_OF_SCORING = """
-import resource, sys
+import sys
 from scope_opd.verifiers import SandboxLimits, code_score
+def peak_kib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 limits = SandboxLimits(wall_time_s=20, time_per_test_s=15, cpu_time_s=20, max_file_mb=64, output_budget_mb=64)
 assert code_score("print(1)", {"inputs": ["\\n"], "outputs": ["1\\n"]}, limits=limits) == 1.0  # the probe, warm
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 program = "import sys\\nsys.stdout.write('10\\\\n' * (20 * 2 ** 20 // 3))\\n"  # 20 MiB, 7 million short lines
 score = code_score(program, {"inputs": ["\\n"], "outputs": ["10\\n10\\n"]}, limits=limits)
-print(score, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+print(score, (peak_kib() - before) // 1024)
 """
 
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import free_port
 from test_trainer import dataset, has_digit_reward, make_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ def test_teacher_loads_under_a_registered_zero_config_as_trls_reference_model(tm
     pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed==0.18.9 "
                                             "(no ops compiled at install; see docs/gpu.md)")
     out = tmp_path / "zero"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + stage * 37 + os.getpid() % 500),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "dist_scripts" / "zero_teacher_load.py"),
                            tiny_pair_dir["student"], tiny_pair_dir["teacher"], str(out), str(stage)],

@@ -18,6 +18,7 @@ from scope_opd import scope_loss
 from scope_opd.algorithms import loss_denominators
 from scope_opd.trainer import SCOPEConfig, SCOPETrainer
 
+from helpers import free_port
 from test_trainer import RecordingTrainer, dataset, has_digit_reward, load_student, make_args
 
 
@@ -113,7 +114,7 @@ def test_two_processes_with_accumulation_optimise_scope_loss_of_the_global_batch
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0" if False else str(29500 + os.getpid() % 1000),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(DDP_SCRIPT), tiny_pair_dir["student"], tiny_pair_dir["teacher"], str(out), aggregation],
         env=env, capture_output=True, text=True, timeout=600,
     )
