@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from helpers import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scope_opd.teachers import InProcessTeacher
@@ -483,7 +484,7 @@ def test_per_teacher_counters_are_summed_over_two_processes(tmp_path, three_teac
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(30500 + os.getpid() % 1000), str(DDP_SCRIPT), three_teachers["student"], three_teachers["a"],
+         str(free_port()), str(DDP_SCRIPT), three_teachers["student"], three_teachers["a"],
          three_teachers["b"], str(out)],
         env=env, capture_output=True, text=True, timeout=600,
     )
