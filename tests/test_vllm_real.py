@@ -171,7 +171,7 @@ def test_more_rows_than_vllm_takes_in_one_request_are_split_at_1024(url, referen
     assert client.counters()["requests"] == 2
 
 
-# -- top-k (opd_loss='topk_*', issue 20): before the NaN tests, which can poison the server --------------------------------------------------------------
+# -- top-k (opd_loss='topk_*', issue 20): before the NaN tests, which can poison the server ---------------
 
 
 def test_server_teacher_top_k_on_real_vllm_matches_in_process_fp32(url, checkpoint):
