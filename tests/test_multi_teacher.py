@@ -24,6 +24,18 @@ from scope_opd.teachers.routing import TeacherPool, parse_teachers
 from scope_opd.trainer import SCOPEConfig
 from test_trainer import PROMPTS, RecordingTrainer, has_digit_reward, make_args
 
+
+def parse_train_config(config, *argv):
+    """``scope train --config CONFIG ARGV...`` parsed as the CLI parses it (the real TrlParser), SCOPEConfig back."""
+    from trl import ModelConfig, TrlParser
+
+    from scope_opd.train_cli import TrainScriptArguments, null_means_none
+
+    types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
+    parser = TrlParser(types)
+    null_means_none(parser, types)
+    return parser.parse_args_and_config(["--config", str(config), *argv])[1]
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -77,10 +89,6 @@ def incorrect_rows(gen, tokenizer):
 
 def test_teachers_mapping_reaches_the_config_through_trl_parser(tmp_path):
     """YAML mapping in --config, a JSON string on the command line, a Python-repr string: all the same mapping."""
-    from trl import ModelConfig, TrlParser
-
-    from scope_opd.train_cli import TrainScriptArguments, null_means_none
-
     config = tmp_path / "multi.yaml"
     config.write_text(
         "output_dir: out\nuse_cpu: true\n"
@@ -88,12 +96,9 @@ def test_teachers_mapping_reaches_the_config_through_trl_parser(tmp_path):
         "  code: {server_url: 'http://127.0.0.1:8000', tokenizer: some/tok, timeout: 30}\n"
         "teacher_routing: key\nteacher_key: source\n"
     )
-    types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
 
     def parse(*argv):
-        parser = TrlParser(types)
-        null_means_none(parser, types)
-        return parser.parse_args_and_config(["--config", str(config), *argv])[1]
+        return parse_train_config(config, *argv)
 
     args = parse()
     assert args.teachers == {"math": {"model": "toy:teacher", "dtype": "float32"},
@@ -144,19 +149,12 @@ def test_a_server_teacher_with_its_own_temperature_1_is_accepted_under_a_tempere
 def test_exponent_numbers_and_python_none_are_read_as_numbers_and_none(tmp_path):
     """YAML 1.1 reads 1.5e2 as a string (yaml.safe_load, as TrlParser reads --config); JSON 1e3 is a number; a
     Python repr's None is None. The top-level teacher_timeout: 1.5e2 is a number too: the same value either way."""
-    from trl import ModelConfig, TrlParser
-
-    from scope_opd.train_cli import TrainScriptArguments, null_means_none
-
     config = tmp_path / "exp.yaml"
     config.write_text("output_dir: out\nuse_cpu: true\nteacher_timeout: 1.5e2\n"
                       "teachers:\n  a: {model: /m, timeout: 1.5e2, temperature: 5e-1}\n")
-    types = (TrainScriptArguments, SCOPEConfig, ModelConfig)
 
     def parse(*argv):
-        parser = TrlParser(types)
-        null_means_none(parser, types)
-        return parser.parse_args_and_config(["--config", str(config), *argv])[1]
+        return parse_train_config(config, *argv)
 
     args = parse()
     assert args.teacher_timeout == 150.0
