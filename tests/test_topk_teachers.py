@@ -205,3 +205,33 @@ def test_scope_step_with_a_top_k_loss_through_scope_serve_teacher(tmp_path, tiny
     trainer.train()
     logs = trainer.state.log_history[0]
     assert logs["teacher/failures"] == 0 and logs["teacher/requests"] > 0 and logs["scope/loss/opd"] > 0
+
+
+# -- the sampled-token path on CPU (issue 20: "use it for the sampled-token path too, wherever it beats TRL's kernel")
+
+
+@pytest.mark.parametrize(("vocab", "tiled"), [(32_768, True), (4_096, False)])
+def test_the_sampled_path_takes_the_tiles_on_cpu_for_a_real_vocabulary_and_scores_as_full_logits(vocab, tiled):
+    """On CPU, a teacher whose vocabulary is a real LLM's (>= 32,768) scores sampled tokens through the tiles
+    (completion positions only; 144 vs 2,093 MiB for TRL's fused head at V = 151,936); a small vocabulary keeps
+    the fused head. Either way the log-probs are log_softmax of the model's own full logits, written here."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from scope_opd.teachers.chunked_scorer import sampled_path_scorer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    teacher = InProcessTeacher(model, device="cpu")
+    chosen = sampled_path_scorer(teacher)
+    assert isinstance(chosen, ChunkedTeacherScorer) is tiled and (chosen is teacher) is not tiled
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(vocab, (n,), generator=generator).tolist() for n in (5, 3)]
+    completions = [torch.randint(vocab, (n,), generator=generator).tolist() for n in (4, 6)]
+    for prompt, completion, got in zip(prompts, completions, chosen.score(prompts, completions)):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0].double()
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+        want = torch.log_softmax(logits[positions], dim=-1)[torch.arange(len(completion)), torch.tensor(completion)]
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)

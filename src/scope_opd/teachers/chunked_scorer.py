@@ -36,7 +36,7 @@ from .in_process import InProcessTeacher, TokenScores, _split_rows, _unwrap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChunkedTeacherScorer", "memory_lean"]
+__all__ = ["CPU_TILED_MIN_VOCAB", "ChunkedTeacherScorer", "memory_lean", "sampled_path_scorer"]
 
 # The self-check at construction: a few token ids through the model's own forward and through the tiles;
 # beyond the head's rounding, logits may differ by this fraction of the largest |logit| (at least 1).
@@ -266,3 +266,23 @@ def memory_lean(teacher):
     except ValueError as err:
         logger.warning("top-k teacher scores use the logits path: %s", err)
         return teacher
+
+
+# On CPU, TRL's fused head projects every position (prompt ones too) in [positions, V] blocks, while the tiles
+# project only completion positions: measured by benchmarks/bench_teacher_memory.py at V = 151,936, 2 x (64 +
+# 4,096) tokens, 2,093 MiB fused against 144 MiB tiled, at about the same time (40.8 s and 41.3 s, one thread).
+# Below this vocabulary the difference is a few MiB, and the fused head stays (so the toy demo's published
+# numbers, V = 99, are unchanged). On CUDA, TRL's Triton kernel stays: it is what the paper-scale runs use.
+CPU_TILED_MIN_VOCAB = 32_768
+
+
+def sampled_path_scorer(teacher):
+    """The in-process teacher for the sampled-token path (``opd_loss="sampled"``): the tiled scorer on CPU for a
+    vocabulary of at least :data:`CPU_TILED_MIN_VOCAB` (where it beats TRL's fused head, see above), ``teacher``
+    itself otherwise (CUDA, small vocabularies, servers, sharded teachers, a model the self-check refuses)."""
+    if type(teacher) is not InProcessTeacher or teacher.device.type != "cpu":
+        return teacher
+    vocab = getattr(getattr(_unwrap(teacher.model), "config", None), "vocab_size", None) or 0
+    if vocab < CPU_TILED_MIN_VOCAB:
+        return teacher
+    return memory_lean(teacher)

@@ -294,14 +294,17 @@ def build_teacher(trainer, fields, teacher_model=None):
         model = prepare_fsdp(model, trainer.accelerator)
     else:
         model = trainer.accelerator.prepare_model(model, evaluation_mode=True)
-    return mapped(InProcessTeacher(
+    from .chunked_scorer import sampled_path_scorer
+
+    # On CPU with a real vocabulary, the tiled scorer (less memory than TRL's fused head); else TRL's fused head.
+    return mapped(sampled_path_scorer(InProcessTeacher(
         model,
         batch_size=fields.teacher_batch_size,
         device=trainer.accelerator.device,
         temperature=fields.teacher_temperature,
         # Sharded forwards are collectives: every rank runs as many as the busiest rank.
         synced_ranks=sharded and trainer.accelerator.num_processes > 1,
-    ))
+    )))
 
 
 def build_teacher_pool(trainer, teachers=None) -> TeacherPool:
