@@ -943,6 +943,18 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                           "student-guided weights use the forward instead", stacklevel=2)
         return sampled.float() if use_sampler else self._old_per_token_logps(output)
 
+    def _timed_teacher_call(self, output, row_index: list[int], lengths: list, score) -> list:
+        """``score(row_index, prompt_ids, completion_ids)`` on the generation batch's ``row_index`` rows (prompts
+        without padding, completions cut to ``lengths``), timed into the teacher phase, one answer per row."""
+        prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
+        completions = [output["completion_ids"][i, : int(lengths[i])].tolist() for i in row_index]
+        start = self._clock()
+        scored = score(row_index, prompt_ids, completions)
+        self._phase_seconds["teacher"] += self._clock() - start
+        if len(scored) != len(row_index):
+            raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
+        return scored
+
     def _score_teacher(self, output, rows: torch.Tensor) -> torch.Tensor:
         """Teacher log-probs ``[B, T]`` of the sampled tokens on ``rows`` (NaN elsewhere)."""
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
@@ -953,14 +965,8 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
                 self._teacher_prefetch.close()
                 self._teacher_prefetch = None
             return teacher_logps
-        prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
         lengths = completion_mask.sum(dim=1).tolist()
-        completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
-        start = self._clock()
-        scored = self._teacher_scores(row_index, prompt_ids, completions)
-        self._phase_seconds["teacher"] += self._clock() - start
-        if len(scored) != len(row_index):
-            raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
+        scored = self._timed_teacher_call(output, row_index, lengths, self._teacher_scores)
         for i, values in zip(row_index, scored):
             n = int(lengths[i])
             if values.shape[0] != n:
@@ -1011,13 +1017,10 @@ class SCOPETrainer(AtomicCheckpointMixin, GRPOTrainer):
         lengths = completion_mask.sum(dim=1).tolist()
         scored = []
         if row_index or getattr(self.teacher, "synced_ranks", False):
-            prompt_ids = [output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist() for i in row_index]
-            completions = [completion_ids[i, : int(lengths[i])].tolist() for i in row_index]
-            start = self._clock()
-            scored = self._topk_teacher.score_topk(prompt_ids, completions, k)
-            self._phase_seconds["teacher"] += self._clock() - start
-            if len(scored) != len(row_index):
-                raise RuntimeError(f"teacher returned {len(scored)} rows for {len(row_index)} requested")
+            def score_topk(_, prompts, completions):
+                return self._topk_teacher.score_topk(prompts, completions, k)
+
+            scored = self._timed_teacher_call(output, row_index, lengths, score_topk)
         # K is capped by the teacher's vocabulary: take the width it returned (every row the same).
         widths = {int(s.top_ids.shape[1]) for s in scored if s.top_ids is not None and s.top_ids.dim() == 2}
         if len(widths) > 1 or (widths and not 1 <= min(widths) <= k):
